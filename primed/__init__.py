@@ -1,0 +1,68 @@
+"""primed: DRM dumb buffers allocated by a daemon and shared as PRIME (dma-buf) fds.
+
+The public API::
+
+    import primed
+    with primed.connect() as client:
+        buf = client.allocate(1920, 1080, "NV12")
+        with primed.Device("/dev/dri/renderD128") as dev:
+            handle = dev.import_buffer(buf)
+        with buf.map() as pixels:
+            ...
+        client.release(buf)
+
+    async with primed.connect_async() as client:
+        buf = await client.allocate(1920, 1080, "XR24")
+"""
+
+from __future__ import annotations
+
+from primed.buffer import Buffer, Mapping, Plane
+from primed.connection import DEFAULT_SOCKET, ServerInfo
+from primed.device import Device, Import
+from primed.errors import (
+    ConnectionLost,
+    ErrorCode,
+    KernelError,
+    LocalProtocolError,
+    NoDevice,
+    NotImportable,
+    PrimedError,
+    ProtocolError,
+    RemoteProtocolError,
+    ServerError,
+)
+from primed.formats import FORMATS, Format, Limits
+from primed.io.blocking import Client, connect
+from primed.io.trio import AsyncClient, connect_async
+from primed.schema import Backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "FORMATS",
+    "AsyncClient",
+    "Backend",
+    "Buffer",
+    "Client",
+    "ConnectionLost",
+    "Device",
+    "ErrorCode",
+    "Format",
+    "Import",
+    "KernelError",
+    "Limits",
+    "LocalProtocolError",
+    "Mapping",
+    "NoDevice",
+    "NotImportable",
+    "Plane",
+    "PrimedError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ServerError",
+    "ServerInfo",
+    "connect",
+    "connect_async",
+]

@@ -1,0 +1,3 @@
+from primed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Where the daemon's buffers come from: DRM dumb buffers, or sealed memfds.
+
+A backend makes an :class:`Allocation`, exports it as a new fd for each
+delivery (the caller sends it, then closes its copy), and frees it. The daemon
+keeps the Allocation (a GEM handle, or the memfd) for as long as the owning
+client holds it; every fd already delivered stays valid after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import mmap
+import os
+from typing import Protocol
+
+from primed import drm
+from primed.errors import KernelError, NoDevice
+from primed.formats import MOD_LINEAR, Format, Layout, LayoutError, Limits, layout, plan
+from primed.schema import Backend
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Allocation:
+    width: int
+    height: int
+    fourcc: int
+    size: int
+    planes: tuple[tuple[int, int], ...]  #: (offset, pitch) of each plane
+    ref: int  #: the GEM handle (DRM) or the memfd (memfd) that keeps it alive
+    modifier: int = MOD_LINEAR
+
+
+class BufferSource(Protocol):
+    kind: Backend
+    driver: drm.Version
+    node: str
+
+    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation: ...
+    def export(self, allocation: Allocation) -> int: ...
+    def free(self, allocation: Allocation) -> None: ...
+    def close(self) -> None: ...
+
+
+def _planes(lay: Layout) -> tuple[tuple[int, int], ...]:
+    return tuple((p.offset, p.pitch) for p in lay.planes)
+
+
+class DumbBackend:
+    """Dumb buffers on a DRM card node, exported with PRIME."""
+
+    kind = Backend.DRM
+
+    def __init__(self, path: str):
+        self.node = path
+        self.fd = drm.open_node(path)
+        try:
+            self.driver = drm.get_version(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+        plan(fmt, width, height, limits)  # refuse before any ioctl
+        # All planes share one dumb buffer: ask for plane 0's width and bpp, and
+        # enough rows of it for every plane; the kernel picks the pitch and we
+        # lay the planes out on that pitch (never wider than the rows asked for).
+        tight = layout(fmt, width, height, pitch0=width * fmt.cpp[0])
+        rows = -(-tight.size // tight.planes[0].pitch)
+        dumb = drm.create_dumb(self.fd, width, rows, fmt.cpp[0] * 8)
+        try:
+            lay = layout(fmt, width, height, pitch0=dumb.pitch)
+            if lay.size > dumb.size:
+                raise LayoutError(f"kernel gave {dumb.size} bytes, {lay.size} needed")
+        except LayoutError as e:
+            drm.destroy_dumb(self.fd, dumb.handle)
+            raise KernelError(errno.EINVAL, f"unusable dumb buffer pitch {dumb.pitch}: {e}") from e
+        return Allocation(width, height, fmt.fourcc, dumb.size, _planes(lay), dumb.handle)
+
+    def export(self, allocation: Allocation) -> int:
+        return drm.handle_to_fd(self.fd, allocation.ref)
+
+    def free(self, allocation: Allocation) -> None:
+        drm.destroy_dumb(self.fd, allocation.ref)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def find_dumb_node(root: str = "/dev/dri") -> str:
+    """The first card node whose driver creates a dumb buffer (tried, not asked:
+    vgem makes them but answers DRM_CAP_DUMB_BUFFER with EOPNOTSUPP).
+
+    Raises NoDevice naming what was tried.
+    """
+    tried = []
+    for node in drm.nodes(root):
+        if not node.primary:
+            continue
+        try:
+            fd = drm.open_node(node.path)
+        except KernelError as e:
+            tried.append(f"{node.path}: {e}")
+            continue
+        try:
+            dumb = drm.create_dumb(fd, 16, 16, 32)
+            drm.destroy_dumb(fd, dumb.handle)
+            return node.path
+        except KernelError as e:
+            tried.append(f"{node.path} ({node.driver}): {e}")
+        finally:
+            os.close(fd)
+    detail = "; ".join(tried) if tried else f"no card node under {root}"
+    raise NoDevice(errno.ENODEV, f"no DRM device that creates dumb buffers ({detail})")
+
+
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class MemfdBackend:
+    """Sealed memfds laid out like dumb buffers: CPU-only sharing, no DRM device needed.
+
+    The seals forbid resizing, so no holder can shrink a buffer under another's
+    mapping (SIGBUS); writing stays allowed, as with a dma-buf.
+    """
+
+    kind = Backend.MEMFD
+    node = ""
+    driver = drm.Version("memfd", 0, 0, 0, "", "sealed memfd buffers")
+
+    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+        lay = plan(fmt, width, height, limits)
+        size = -(-lay.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        try:
+            fd = os.memfd_create("primed-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, "memfd_create") from None
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except OSError as e:
+            os.close(fd)
+            raise KernelError(e.errno or errno.EIO, "memfd size and seals") from None
+        return Allocation(width, height, fmt.fourcc, size, _planes(lay), fd)
+
+    def export(self, allocation: Allocation) -> int:
+        try:
+            return os.dup(allocation.ref)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, "dup") from None
+
+    def free(self, allocation: Allocation) -> None:
+        os.close(allocation.ref)
+
+    def close(self) -> None:
+        pass

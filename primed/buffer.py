@@ -1,0 +1,202 @@
+"""A buffer as a client holds it: its layout and the one fd that refers to it.
+
+Ownership: a Buffer owns its fd and closes it exactly once, on ``close()``, at
+the end of a ``with`` block, or (as a backstop) when it is garbage-collected.
+Closing the fd does not free the memory while anything else refers to it: a
+mapping made with :meth:`Buffer.map`, a GEM handle made from it, the daemon's
+own reference, or a copy of the fd in another process. That is PRIME's
+contract, and primed relies on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import weakref
+from types import TracebackType
+
+from primed import drm
+from primed.errors import KernelError
+from primed.formats import fourcc_str
+from primed.schema import Backend
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plane:
+    offset: int  #: bytes from the start of the buffer
+    pitch: int  #: bytes from one row to the next
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class Buffer:
+    """One allocated buffer: ``id``, ``width``, ``height``, ``format`` (fourcc text),
+    ``fourcc``, ``modifier``, ``size``, ``planes`` and ``fd``.
+
+    ``backend`` says whether ``fd`` is a dma-buf (DRM) or a sealed memfd.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_fd",
+        "_finalizer",
+        "backend",
+        "fourcc",
+        "height",
+        "id",
+        "modifier",
+        "planes",
+        "size",
+        "width",
+    )
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        id: int,
+        width: int,
+        height: int,
+        fourcc: int,
+        modifier: int,
+        size: int,
+        planes: tuple[Plane, ...],
+        backend: Backend,
+    ):
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, _close_quietly, fd)
+        self.id = id
+        self.width = width
+        self.height = height
+        self.fourcc = fourcc
+        self.modifier = modifier
+        self.size = size
+        self.planes = planes
+        self.backend = backend
+
+    @property
+    def format(self) -> str:
+        """The fourcc as text, e.g. "NV12"."""
+        return fourcc_str(self.fourcc)
+
+    @property
+    def fd(self) -> int:
+        """The dma-buf (or memfd) fd. Raises ValueError once the buffer is closed."""
+        if self._fd < 0:
+            raise ValueError("buffer is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the fd (once; later calls do nothing)."""
+        if self._fd >= 0:
+            self._finalizer.detach()
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up ownership of the fd and return it; the caller must close it."""
+        fd = self.fd
+        self._finalizer.detach()
+        self._fd = -1
+        return fd
+
+    def __enter__(self) -> Buffer:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def map(self, *, write: bool = True) -> Mapping:
+        """Map the pixels for CPU access; use as a context manager yielding a memoryview.
+
+        For a dma-buf the access is bracketed with DMA_BUF_IOCTL_SYNC so that
+        caches are coherent with the device. Raises KernelError.
+        """
+        return Mapping(self.fd, self.size, write=write, sync=self.backend == Backend.DRM)
+
+    def describe(self) -> dict[str, object]:
+        """The buffer as plain data (what ``primed alloc --json`` prints)."""
+        return {
+            "id": self.id,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "modifier": self.modifier,
+            "size": self.size,
+            "planes": [{"offset": p.offset, "pitch": p.pitch} for p in self.planes],
+        }
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"fd={self._fd}"
+        return f"<Buffer {self.id} {self.width}x{self.height} {self.format} {self.size}B {state}>"
+
+
+class Mapping:
+    """A CPU mapping of a buffer, open for the duration of a ``with`` block.
+
+    The mapping holds its own references (the mmap, and a dup of the fd for the
+    closing sync): the buffer may be closed while the block runs.
+    """
+
+    def __init__(self, fd: int, size: int, *, write: bool, sync: bool):
+        self._source = fd
+        self._size = size
+        self._write = write
+        self._sync = sync
+        self._flags = drm.DMA_BUF_SYNC_RW if write else drm.DMA_BUF_SYNC_READ
+        self._fd = -1
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+
+    def __enter__(self) -> memoryview:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._write else 0)
+        try:
+            self._map = mmap.mmap(self._source, self._size, mmap.MAP_SHARED, prot)
+            if self._sync:
+                self._fd = os.dup(self._source)
+                drm.sync_dmabuf(self._fd, drm.DMA_BUF_SYNC_START | self._flags)
+        except BaseException as e:
+            self._unmap()
+            if isinstance(e, OSError) and not isinstance(e, KernelError):
+                raise KernelError(e.errno or 0, "mmap") from None
+            raise
+        self._view = memoryview(self._map)
+        return self._view
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        try:
+            if self._fd >= 0:
+                drm.sync_dmabuf(self._fd, drm.DMA_BUF_SYNC_END | self._flags)
+        finally:
+            self._unmap()
+
+    def _unmap(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

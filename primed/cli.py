@@ -1,0 +1,176 @@
+"""The ``primed`` command: serve, info, alloc, devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from primed import drm, formats
+from primed.backends import BufferSource, DumbBackend, MemfdBackend, find_dumb_node
+from primed.connection import DEFAULT_SOCKET, socket_path
+from primed.device import Device, Import
+from primed.errors import PrimedError
+from primed.io.blocking import connect
+
+log = logging.getLogger("primed")
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1920x1080, not {text!r}")
+    return int(width), int(height)
+
+
+def _octal(text: str) -> int:
+    return int(text, 8)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="primed",
+        description="Allocate DRM dumb buffers in a daemon and share them as PRIME fds.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    socket_help = f"the daemon's socket (default: $PRIMED_SOCKET, else {DEFAULT_SOCKET})"
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument(
+        "--device", help="DRM card node (default: the first that makes dumb buffers)"
+    )
+    serve.add_argument("--backend", choices=["drm", "memfd"], default="drm")
+    serve.add_argument("--socket", help=socket_help)
+    serve.add_argument("--socket-mode", type=_octal, default=0o660, help="octal (default 660)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    defaults = formats.Limits()
+    serve.add_argument("--max-width", type=int, default=defaults.max_width)
+    serve.add_argument("--max-height", type=int, default=defaults.max_height)
+    serve.add_argument("--max-size", type=int, default=defaults.max_size, help="bytes per buffer")
+    serve.add_argument("--max-count", type=int, default=defaults.max_count, help="per request")
+
+    info = commands.add_parser("info", help="what the daemon serves")
+    info.add_argument("--socket", help=socket_help)
+    info.add_argument("--json", action="store_true")
+
+    alloc = commands.add_parser("alloc", help="allocate buffers and describe them")
+    alloc.add_argument("size", type=_size, metavar="WIDTHxHEIGHT")
+    alloc.add_argument("--format", default="XR24", help="fourcc or DRM name (default XR24)")
+    alloc.add_argument("--count", type=int, default=1)
+    alloc.add_argument("--import", dest="import_node", metavar="NODE", help="import on this node")
+    alloc.add_argument("--socket", help=socket_help)
+    alloc.add_argument("--json", action="store_true")
+
+    devices = commands.add_parser("devices", help="list DRM nodes and their drivers")
+    devices.add_argument("--json", action="store_true")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from primed import log as logsetup
+    from primed.server import run
+
+    logsetup.setup(args.log_level)
+    limits = formats.Limits(args.max_width, args.max_height, args.max_size, args.max_count)
+    if limits.max_size >= 1 << 32:
+        log.error("--max-size must be below 4 GiB: plane offsets are 32-bit, as in KMS")
+        return 2
+    backend: BufferSource
+    if args.backend == "memfd":
+        if args.device:
+            log.error("--device makes no sense with --backend memfd")
+            return 2
+        backend = MemfdBackend()
+    else:
+        path = args.device
+        if path is None:
+            path = find_dumb_node()
+            log.info("picked %s, the first DRM node that creates dumb buffers", path)
+        backend = DumbBackend(path)
+    trio.run(lambda: run(backend, socket_path(args.socket), limits=limits, mode=args.socket_mode))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with connect(args.socket, name="primed info") as client:
+        described = client.info.describe()
+    if args.json:
+        print(json.dumps(described))
+        return 0
+    print(f"backend: {described['backend']}")
+    if client.info.node:
+        print(f"device:  {client.info.node} ({described['driver']} {described['driver_version']})")
+    print(f"protocol version: {described['version']}")
+    limits = client.info.limits
+    print(
+        f"limits:  {limits.max_width}x{limits.max_height}, {limits.max_size} bytes per buffer, "
+        f"{limits.max_count} buffers per request"
+    )
+    return 0
+
+
+def _alloc(args: argparse.Namespace) -> int:
+    width, height = args.size
+    imports: list[Import] = []
+    device = Device(args.import_node) if args.import_node else None
+    try:
+        with connect(args.socket, name="primed alloc") as client:
+            buffers = client.allocate(width, height, args.format, count=args.count)
+            described = []
+            for buffer in buffers:
+                entry = buffer.describe()
+                if device is not None:
+                    imported = device.import_buffer(buffer)
+                    imports.append(imported)
+                    entry["handle"] = imported.handle
+                described.append(entry)
+                buffer.close()
+    finally:
+        for imported in imports:
+            imported.close()
+        if device is not None:
+            device.close()
+    if args.json:
+        print(json.dumps({"buffers": described}))
+        return 0
+    for entry in described:
+        plane_list: list[dict[str, int]] = entry["planes"]  # type: ignore[assignment]
+        planes = " ".join(
+            f"[{i}: offset {p['offset']} pitch {p['pitch']}]" for i, p in enumerate(plane_list)
+        )
+        handle = f" handle {entry['handle']}" if "handle" in entry else ""
+        print(
+            f"buffer {entry['id']}: {entry['width']}x{entry['height']} {entry['format']} "
+            f"modifier {entry['modifier']:#x} size {entry['size']} {planes}{handle}"
+        )
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    found = drm.nodes()
+    if args.json:
+        print(
+            json.dumps([{"path": n.path, "driver": n.driver, "primary": n.primary} for n in found])
+        )
+        return 0
+    if not found:
+        print("no DRM nodes under /dev/dri")
+    for node in found:
+        print(f"{node.path}\t{node.driver}\t{'primary' if node.primary else 'render'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"serve": _serve, "info": _info, "alloc": _alloc, "devices": _devices}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (PrimedError, OSError, ValueError) as e:
+        print(f"primed {args.command}: {e}", file=sys.stderr)
+        return 1

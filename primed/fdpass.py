@@ -1,0 +1,80 @@
+"""Passing fds with SCM_RIGHTS, and the hygiene that goes with it.
+
+Shared by the daemon and both clients, so the rules live in one place:
+receive with MSG_CMSG_CLOEXEC; every fd that arrived is the receiver's to close
+on every path; a truncated datagram or truncated ancillary data (MSG_TRUNC,
+MSG_CTRUNC: fds dropped by RLIMIT_NOFILE or an LSM) makes the whole message bad,
+and the fds that did arrive are closed before the error is raised.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from primed.errors import RemoteProtocolError
+from primed.schema import MAX_FDS, MAX_MESSAGE
+
+#: Ancillary buffer big enough for the most fds one message may carry.
+ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+#: Receive flags: fds arrive close-on-exec, so no child inherits them by accident.
+RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+# SO_PASSRIGHTS (Linux 6.16): 0 makes the kernel refuse fds sent to this socket.
+SO_PASSRIGHTS = 83
+
+
+class Truncated(RemoteProtocolError):
+    """The datagram or its fds did not arrive whole; what did arrive was closed."""
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd, ignoring ones already gone, so one failure can't leak the rest."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def take_fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
+    """The fds a recvmsg() returned; raises :class:`Truncated` (closing them) if cut short."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % fds.itemsize
+            fds.frombytes(data[:usable])
+    if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        close_fds(fds)
+        what = "its fds were cut off (MSG_CTRUNC)" if msg_flags & socket.MSG_CTRUNC else "too long"
+        raise Truncated(f"message truncated: {what}")
+    return fds.tolist()
+
+
+def rights(fds: list[int]) -> list[tuple[int, int, Any]]:
+    """The ancillary data for sendmsg() that passes ``fds``."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+
+
+def refuse_rights(sock: socket.socket | Any) -> bool:
+    """Ask the kernel to refuse fds sent to ``sock`` (SO_PASSRIGHTS=0); False where unsupported."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+    except OSError:
+        return False
+    return True
+
+
+def recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """Receive one datagram and its fds from a blocking socket."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, RECV_FLAGS)
+    return data, take_fds(ancdata, msg_flags)
+
+
+def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send one datagram with ``fds``; the caller keeps (and closes) its own fds."""
+    sock.sendmsg([data], rights(fds))

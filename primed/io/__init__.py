@@ -1,0 +1,1 @@
+"""Clients over real sockets: :mod:`primed.io.blocking` and :mod:`primed.io.trio`."""

@@ -1,0 +1,152 @@
+"""The trio client: many tasks may share one connection, with requests in flight at once.
+
+A reader task owns the receiving side and hands each completed reply to the
+task waiting on its serial. A task cancelled while its Allocate is in flight
+does not leak: when the reply arrives, its buffers are closed and released.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import cast, overload
+
+import trio
+
+from primed import fdpass
+from primed.buffer import Buffer
+from primed.connection import (
+    ClientConnection,
+    Result,
+    ServerInfo,
+    buffer_ids,
+    socket_path,
+    unwrap,
+)
+from primed.errors import ConnectionLost, PrimedError
+from primed.io.blocking import _default_name
+from primed.schema import MAX_MESSAGE
+
+
+class _Waiter:
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Result | BaseException | None = None
+
+
+class AsyncClient:
+    """A connection to the daemon. Use ``async with primed.connect_async() as client``."""
+
+    def __init__(self, sock: trio.socket.SocketType, name: str):
+        self._sock = sock
+        self._conn = ClientConnection(name)
+        self._send_lock = trio.Lock()
+        self._waiting: dict[int, _Waiter] = {}
+        self._abandoned: set[int] = set()
+        self._broken: BaseException | None = None
+        self.info: ServerInfo
+
+    async def _call(self, serial: int, data: bytes) -> Result:
+        if self._broken is not None:
+            raise ConnectionLost(f"connection lost: {self._broken}")
+        waiter = self._waiting[serial] = _Waiter()
+        try:
+            async with self._send_lock:
+                await self._sock.sendmsg([data])
+            await waiter.done.wait()
+        except BaseException:
+            if self._waiting.pop(serial, None) is not None:
+                self._abandoned.add(serial)
+            raise
+        if isinstance(waiter.result, BaseException) and not isinstance(waiter.result, PrimedError):
+            raise ConnectionLost(f"connection lost: {waiter.result}") from waiter.result
+        return unwrap(cast(Result, waiter.result))
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                data, ancdata, msg_flags, _ = await self._sock.recvmsg(
+                    MAX_MESSAGE, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS
+                )
+                fds = fdpass.take_fds(ancdata, msg_flags)
+                if not data and not fds:
+                    raise ConnectionLost("the daemon closed the connection")
+                done = self._conn.receive(data, fds)
+                if done is None:
+                    continue
+                serial, result = done
+                waiter = self._waiting.pop(serial, None)
+                if waiter is not None:
+                    waiter.result = result
+                    waiter.done.set()
+                elif serial in self._abandoned:
+                    self._abandoned.discard(serial)
+                    if isinstance(result, list):
+                        await self._give_back(result)
+                elif serial == 0 and isinstance(result, PrimedError):
+                    raise result
+        except (OSError, PrimedError) as e:
+            self._fail_all(e)
+        finally:
+            self._conn.abandon()
+
+    async def _give_back(self, buffers: list[Buffer]) -> None:
+        for buffer in buffers:
+            buffer.close()
+        serial, data = self._conn.release(buffer_ids(buffers))
+        self._abandoned.add(serial)  # its reply is nobody's
+        async with self._send_lock:
+            await self._sock.sendmsg([data])
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._broken = error
+        for waiter in self._waiting.values():
+            waiter.result = error
+            waiter.done.set()
+        self._waiting.clear()
+
+    @overload
+    async def allocate(self, width: int, height: int, format: str | int = ...) -> Buffer: ...
+    @overload
+    async def allocate(
+        self, width: int, height: int, format: str | int = ..., *, count: int
+    ) -> list[Buffer]: ...
+
+    async def allocate(
+        self, width: int, height: int, format: str | int = "XR24", *, count: int | None = None
+    ) -> Buffer | list[Buffer]:
+        """As :meth:`primed.Client.allocate`."""
+        buffers = cast(
+            list[Buffer], await self._call(*self._conn.allocate(width, height, format, count or 1))
+        )
+        return buffers if count is not None else buffers[0]
+
+    async def release(self, *buffers: Buffer | int, close: bool = True) -> int:
+        """As :meth:`primed.Client.release`."""
+        count = cast(int, await self._call(*self._conn.release(buffer_ids(buffers))))
+        if close:
+            for b in buffers:
+                if isinstance(b, Buffer):
+                    b.close()
+        return count
+
+
+@asynccontextmanager
+async def connect_async(
+    path: str | None = None, *, name: str | None = None
+) -> AsyncIterator[AsyncClient]:
+    """Connect to the daemon (as :func:`primed.connect`) for the length of an ``async with``."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with sock:
+        await sock.connect(socket_path(path))
+        client = AsyncClient(sock, _default_name() if name is None else name)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read)
+            try:
+                client.info = cast(ServerInfo, await client._call(*client._conn.hello()))
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,211 @@
+"""The wire format, declared with construct: the normative schema of every message.
+
+protocol/PROTOCOL.md describes the same bytes in prose. Both directions are
+little-endian. Each message is one SOCK_SEQPACKET datagram: a 12-byte header,
+then a body whose layout the opcode selects. Every body is a fixed head, then
+(for some messages) an array of fixed records or length-prefixed strings, and
+nothing after that.
+
+This module holds declarations only. The hot path (primed.protocol) packs and
+unpacks the fixed heads with ``struct`` formats derived from these very
+declarations (see :func:`fixed`), because construct costs more per message than
+the kernel's whole round trip; the tests check both agree byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+from typing import Any
+
+from construct import (
+    Array,
+    Bytes,
+    Const,
+    Int16ul,
+    Int32sl,
+    Int32ul,
+    Int64ul,
+    Struct,
+    Switch,
+    Terminated,
+    this,
+)
+from construct import Error as Refuse
+
+#: The only protocol version so far.
+VERSION = 1
+#: The largest datagram either side sends or accepts, header included.
+MAX_MESSAGE = 65536
+#: SCM_MAX_FD: the kernel passes at most this many fds in one message.
+MAX_FDS = 253
+#: Longest client name, driver name and node path, in bytes of UTF-8.
+MAX_NAME = 255
+#: Longest Error text, in bytes of UTF-8.
+MAX_TEXT = 1024
+#: Most buffer ids one Release may carry.
+MAX_RELEASE = 4096
+
+
+class Opcode(enum.IntEnum):
+    """Message types. Requests are below 0x8000, replies at 0x8000 and above."""
+
+    #: Client -> server, first message: the versions the client speaks, its name.
+    HELLO = 0x0001
+    #: Client -> server: allocate ``count`` buffers of one size and format.
+    ALLOCATE = 0x0002
+    #: Client -> server: give up the daemon's reference to some buffers.
+    RELEASE = 0x0003
+    #: Server -> client: a request failed. Carries no fds.
+    ERROR = 0x8000
+    #: Server -> client: answer to HELLO: chosen version, backend, device, limits.
+    WELCOME = 0x8001
+    #: Server -> client: answer to ALLOCATE, possibly in parts. Carries one fd per buffer.
+    ALLOCATED = 0x8002
+    #: Server -> client: answer to RELEASE.
+    RELEASED = 0x8003
+
+
+class Backend(enum.IntEnum):
+    """Where the server's buffers come from."""
+
+    #: DRM dumb buffers exported as dma-buf fds.
+    DRM = 1
+    #: Sealed memfds: CPU-only sharing, no GEM handle can be made from them.
+    MEMFD = 2
+
+
+HEADER = Struct(
+    "opcode" / Int16ul,
+    "nfds" / Int16ul,  # number of fds attached to this datagram
+    "size" / Int32ul,  # bytes of body after the header
+    "serial" / Int32ul,  # request id; a reply repeats its request's
+)
+
+HELLO_HEAD = Struct(
+    "min_version" / Int16ul,
+    "max_version" / Int16ul,
+    "flags" / Const(0, Int32ul),
+    "name_len" / Int16ul,
+    "reserved" / Const(0, Int16ul),
+)
+ALLOCATE_HEAD = Struct(
+    "width" / Int32ul,
+    "height" / Int32ul,
+    "fourcc" / Int32ul,
+    "count" / Int32ul,
+    "flags" / Int32ul,
+)
+RELEASE_HEAD = Struct(
+    "count" / Int32ul,
+    "reserved" / Const(0, Int32ul),
+)
+ERROR_HEAD = Struct(
+    "code" / Int32ul,
+    "errno" / Int32sl,
+    "text_len" / Int16ul,
+    "reserved" / Const(0, Int16ul),
+)
+WELCOME_HEAD = Struct(
+    "version" / Int16ul,
+    "backend" / Int16ul,
+    "flags" / Const(0, Int32ul),
+    "max_width" / Int32ul,
+    "max_height" / Int32ul,
+    "max_size" / Int64ul,
+    "max_count" / Int32ul,
+    "driver_major" / Int32ul,
+    "driver_minor" / Int32ul,
+    "driver_patch" / Int32ul,
+    "driver_len" / Int16ul,
+    "node_len" / Int16ul,
+)
+ALLOCATED_HEAD = Struct(
+    "total" / Int32ul,  # buffers in the whole reply
+    "index" / Int32ul,  # position of this part's first buffer in the whole
+    "count" / Int32ul,  # buffers (and fds) in this part
+    "reserved" / Const(0, Int32ul),
+)
+# One buffer of an ALLOCATED reply; its fd is the one at the same position.
+BUFFER = Struct(
+    "id" / Int64ul,
+    "width" / Int32ul,
+    "height" / Int32ul,
+    "fourcc" / Int32ul,
+    "nplanes" / Int32ul,
+    "modifier" / Int64ul,
+    "size" / Int64ul,
+    "offset0" / Int32ul,
+    "pitch0" / Int32ul,
+    "offset1" / Int32ul,
+    "pitch1" / Int32ul,
+    "offset2" / Int32ul,
+    "pitch2" / Int32ul,
+    "offset3" / Int32ul,
+    "pitch3" / Int32ul,
+)
+RELEASED_HEAD = Struct(
+    "count" / Int32ul,
+    "reserved" / Const(0, Int32ul),
+)
+
+#: Each opcode's whole body.
+BODIES: dict[Opcode, Any] = {
+    Opcode.HELLO: Struct(*HELLO_HEAD.subcons, "name" / Bytes(this.name_len), Terminated),
+    Opcode.ALLOCATE: Struct(*ALLOCATE_HEAD.subcons, Terminated),
+    Opcode.RELEASE: Struct(*RELEASE_HEAD.subcons, "ids" / Array(this.count, Int64ul), Terminated),
+    Opcode.ERROR: Struct(*ERROR_HEAD.subcons, "text" / Bytes(this.text_len), Terminated),
+    Opcode.WELCOME: Struct(
+        *WELCOME_HEAD.subcons,
+        "driver" / Bytes(this.driver_len),
+        "node" / Bytes(this.node_len),
+        Terminated,
+    ),
+    Opcode.ALLOCATED: Struct(
+        *ALLOCATED_HEAD.subcons, "buffers" / Array(this.count, BUFFER), Terminated
+    ),
+    Opcode.RELEASED: Struct(*RELEASED_HEAD.subcons, Terminated),
+}
+
+#: A whole datagram. Unknown opcodes fail to parse.
+MESSAGE = Struct(
+    "header" / HEADER,
+    "body" / Switch(this.header.opcode, {int(k): v for k, v in BODIES.items()}, default=Refuse),
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fixed:
+    """A construct Struct of plain integer fields, as one ``struct.Struct``."""
+
+    packer: struct.Struct
+    names: tuple[str, ...]
+    consts: tuple[tuple[int, int], ...]  # (field position, required value)
+
+    @property
+    def size(self) -> int:
+        return self.packer.size
+
+
+def fixed(declaration: Any) -> Fixed:
+    """Derive the ``struct`` format of a construct Struct of integer fields.
+
+    Only named FormatFields (optionally wrapped in Const) are allowed: anything
+    else raises TypeError, so the schema can't drift from the fast path unseen.
+    """
+    codes = ["<"]
+    names = []
+    consts = []
+    for position, sub in enumerate(declaration.subcons):
+        name, inner, const = sub.name, sub.subcon, None
+        if isinstance(inner, Const):
+            const, inner = inner.value, inner.subcon
+        fmtstr = getattr(inner, "fmtstr", None)
+        if not name or not fmtstr or fmtstr[0] != "<":
+            raise TypeError(f"{name!r} is not a named little-endian integer field")
+        codes.append(fmtstr[1:])
+        names.append(name)
+        if const is not None:
+            consts.append((position, const))
+    return Fixed(struct.Struct("".join(codes)), tuple(names), tuple(consts))

@@ -63,12 +63,15 @@ class DumbBackend:
 
     def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
         plan(fmt, width, height, limits)  # refuse before any ioctl
-        # All planes share one dumb buffer: ask for plane 0's width and bpp, and
-        # enough rows of it for every plane; the kernel picks the pitch and we
-        # lay the planes out on that pitch (never wider than the rows asked for).
+        # All planes share one dumb buffer. It is asked for in 32-bit pixels,
+        # the one depth every driver takes (virtio-gpu refuses any other): wide
+        # enough for a row of plane 0, with enough rows for every plane. The
+        # kernel picks the pitch; the planes are laid out on it, and take no more
+        # rows than asked for, since chroma pitches scale with plane 0's.
         tight = layout(fmt, width, height, pitch0=width * fmt.cpp[0])
-        rows = -(-tight.size // tight.planes[0].pitch)
-        dumb = drm.create_dumb(self.fd, width, rows, fmt.cpp[0] * 8)
+        row = tight.planes[0].pitch
+        rows = -(-tight.size // row)
+        dumb = drm.create_dumb(self.fd, -(-row // 4), rows, 32)
         try:
             lay = layout(fmt, width, height, pitch0=dumb.pitch)
             if lay.size > dumb.size:

@@ -12,7 +12,8 @@ import trio
 
 from primed import drm, formats
 from primed.backends import BufferSource, DumbBackend, MemfdBackend, find_dumb_node
-from primed.connection import DEFAULT_SOCKET, socket_path
+from primed.config import DEFAULT_PATH as DEFAULT_CONFIG
+from primed.connection import DEFAULT_SOCKET
 from primed.device import Device, Import
 from primed.errors import PrimedError
 from primed.io.blocking import connect
@@ -39,19 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     socket_help = f"the daemon's socket (default: $PRIMED_SOCKET, else {DEFAULT_SOCKET})"
 
+    # Every flag but --config overrides the file's key of the same name; None: not given.
     serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the configuration file (default: {DEFAULT_CONFIG}, if it exists)",
+    )
     serve.add_argument(
         "--device", help="DRM card node (default: the first that makes dumb buffers)"
     )
-    serve.add_argument("--backend", choices=["drm", "memfd"], default="drm")
+    serve.add_argument("--backend", choices=["drm", "memfd"], help="default drm")
     serve.add_argument("--socket", help=socket_help)
-    serve.add_argument("--socket-mode", type=_octal, default=0o660, help="octal (default 660)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--socket-mode", type=_octal, help="octal (default 660)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     defaults = formats.Limits()
-    serve.add_argument("--max-width", type=int, default=defaults.max_width)
-    serve.add_argument("--max-height", type=int, default=defaults.max_height)
-    serve.add_argument("--max-size", type=int, default=defaults.max_size, help="bytes per buffer")
-    serve.add_argument("--max-count", type=int, default=defaults.max_count, help="per request")
+    serve.add_argument("--max-width", type=int, help=f"default {defaults.max_width}")
+    serve.add_argument("--max-height", type=int, help=f"default {defaults.max_height}")
+    serve.add_argument("--max-size", type=int, help=f"per buffer (default {defaults.max_size})")
+    serve.add_argument("--max-count", type=int, help=f"per request (default {defaults.max_count})")
 
     info = commands.add_parser("info", help="what the daemon serves")
     info.add_argument("--socket", help=socket_help)
@@ -71,27 +78,65 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from primed import config as conf
     from primed import log as logsetup
+    from primed import systemd
+    from primed.policy import Policy
     from primed.server import run
 
-    logsetup.setup(args.log_level)
-    limits = formats.Limits(args.max_width, args.max_height, args.max_size, args.max_count)
-    if limits.max_size >= 1 << 32:
-        log.error("--max-size must be below 4 GiB: plane offsets are 32-bit, as in KMS")
+    logsetup.setup(args.log_level or "info")
+    overrides = {
+        key: value
+        for key, flag in conf.FLAGS.items()
+        if (value := getattr(args, flag[2:].replace("-", "_"))) is not None
+    }
+    path = conf.default_path(args.config)
+    try:
+        config = conf.load(path, overrides)
+        activated = systemd.activated_listener()
+    except (conf.ConfigError, systemd.ActivationError) as e:
+        log.error("%s", e)
         return 2
+    logsetup.setup(config.log_level)
+    log.info("configuration: %s", path or f"the defaults (there is no {conf.DEFAULT_PATH})")
+
+    def reload() -> tuple[formats.Limits, Policy]:
+        nonlocal config
+        new = conf.load(path or conf.default_path(None), overrides)
+        for key in conf.restart_needed(config, new):
+            log.warning("reload: %s changed; that takes a restart", key)
+        logsetup.setup(new.log_level)
+        config = new
+        return new.limits, new.policy
+
+    socket = config.socket_path
+    if activated is not None:
+        socket = activated.getsockname()
+        if config.socket is not None and config.socket != socket:
+            log.info("serving the socket systemd passed, %s, not %s", socket, config.socket)
     backend: BufferSource
-    if args.backend == "memfd":
+    if config.backend == "memfd":
         if args.device:
             log.error("--device makes no sense with --backend memfd")
             return 2
         backend = MemfdBackend()
     else:
-        path = args.device
-        if path is None:
-            path = find_dumb_node()
-            log.info("picked %s, the first DRM node that creates dumb buffers", path)
-        backend = DumbBackend(path)
-    trio.run(lambda: run(backend, socket_path(args.socket), limits=limits, mode=args.socket_mode))
+        device = config.device
+        if device is None:
+            device = find_dumb_node()
+            log.info("picked %s, the first DRM node that creates dumb buffers", device)
+        backend = DumbBackend(device)
+    trio.run(
+        lambda: run(
+            backend,
+            socket,
+            limits=config.limits,
+            mode=config.socket_mode,
+            policy=config.policy,
+            reload=reload,
+            activated=activated,
+        )
+    )
     return 0
 
 

@@ -300,9 +300,10 @@ class Allocated(Reply):
         return len(self.buffers)
 
     def _body(self) -> bytes:
-        if len(self.buffers) > MAX_FDS:
-            raise LocalProtocolError(f"ALLOCATED part of {len(self.buffers)}, over {MAX_FDS}")
-        head = self._HEAD.packer.pack(self.total, self.index, len(self.buffers), 0)
+        count = len(self.buffers)
+        if not 1 <= count <= MAX_FDS or self.index + count > self.total:
+            raise LocalProtocolError(f"ALLOCATED part of {count} at {self.index} of {self.total}")
+        head = self._HEAD.packer.pack(self.total, self.index, count, 0)
         return head + b"".join(b._pack() for b in self.buffers)
 
     @classmethod
@@ -363,7 +364,7 @@ def encode(message: Message, serial: int) -> bytes:
     try:
         body = message._body()
         header = _HEADER.packer.pack(message.OPCODE, message.nfds, len(body), serial)
-    except struct.error as e:
+    except (struct.error, UnicodeEncodeError) as e:
         raise LocalProtocolError(f"{type(message).__name__}: {e}") from None
     if len(body) + HEADER_SIZE > MAX_MESSAGE:
         raise LocalProtocolError(f"{type(message).__name__} of {len(body)} bytes is too large")

@@ -30,10 +30,11 @@ from typing import cast
 
 import trio
 
-from primed import fdpass, formats, protocol
+from primed import fdpass, formats, protocol, systemd
 from primed.backends import Allocation, BufferSource
-from primed.errors import ErrorCode, KernelError, ProtocolError, RemoteProtocolError
+from primed.errors import ErrorCode, KernelError, PrimedError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
+from primed.policy import Account, Ledger, Peer, Policy, QuotaExceeded
 from primed.protocol import (
     Allocate,
     Allocated,
@@ -52,6 +53,7 @@ log = logging.getLogger("primed")
 
 _BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEERCRED = struct.Struct("3i")
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,6 +64,7 @@ class Session:
     pid: int
     uid: int
     gid: int
+    account: Account
     since: float = dataclasses.field(default_factory=time.time)
     name: str = ""
     version: int = 0  # 0 until Hello was answered
@@ -80,16 +83,52 @@ class _Drop(Exception):
 class Daemon:
     """The buffer registry and request handling, over any listening socket."""
 
-    def __init__(self, backend: BufferSource, limits: Limits | None = None):
+    def __init__(
+        self,
+        backend: BufferSource,
+        limits: Limits | None = None,
+        policy: Policy | None = None,
+        reload: Callable[[], tuple[Limits, Policy]] | None = None,
+    ):
+        """``policy`` says who may connect and what each may hold; ``reload`` (called on
+        SIGHUP) returns new limits and policy, or raises PrimedError to keep the old ones."""
         self.backend = backend
         self.limits = limits or Limits()
+        self.policy = policy or Policy()
+        self.ledger = Ledger()
+        self._reload = reload
         self.sessions: set[Session] = set()
         self._numbers = itertools.count(1)
-        self.stats = {"requests": 0, "errors": 0, "bad_messages": 0}
+        self.stats = {"requests": 0, "errors": 0, "bad_messages": 0, "refused": 0}
 
     @property
     def live_buffers(self) -> int:
         return sum(len(s.buffers) for s in self.sessions)
+
+    def summary(self) -> str:
+        """One line on what the daemon holds now."""
+        held = sum(s.account.own.bytes for s in self.sessions)
+        return (
+            f"{len(self.sessions)} client(s), {self.live_buffers} buffer(s), "
+            f"{held / (1 << 20):.1f} MiB"
+        )
+
+    def reload(self) -> bool:
+        """Take new limits and policy from the reload hook; on failure keep the old ones.
+
+        Connected clients stay; the new rules apply from their next request (and
+        to who may connect from the next connection).
+        """
+        if self._reload is None:
+            log.info("reload: nothing to reload")
+            return False
+        try:
+            self.limits, self.policy = self._reload()
+        except PrimedError as e:
+            log.error("reload refused, the running configuration stays: %s", e)
+            return False
+        log.info("reloaded; %d client(s) stay connected", len(self.sessions))
+        return True
 
     async def serve(
         self,
@@ -114,12 +153,27 @@ class Daemon:
     async def _serve_client(self, sock: trio.socket.SocketType) -> None:
         with sock:
             try:
-                pid, uid, gid = _PEERCRED.unpack(
-                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-                )
+                peer = credentials(sock)
             except OSError:
                 return
-            session = Session(next(self._numbers), pid, uid, gid)
+            refusal = self.policy.refusal(peer)
+            if refusal is not None:
+                self.stats["refused"] += 1
+                log.warning(
+                    "refused a client (pid %d, uid %d, gid %d): %s",
+                    peer.pid,
+                    peer.uid,
+                    peer.gid,
+                    refusal,
+                )
+                try:
+                    await self._send(sock, Error(ErrorCode.PERMISSION_DENIED, 0, refusal), 0)
+                    await _hang_up(sock)
+                except OSError:
+                    pass
+                return
+            account = self.ledger.open(peer)
+            session = Session(next(self._numbers), peer.pid, peer.uid, peer.gid, account)
             self.sessions.add(session)
             log.info("%s connected", session)
             try:
@@ -128,9 +182,12 @@ class Daemon:
                 pass
             except OSError as e:
                 log.info("%s: connection failed: %s", session, e)
+            except Exception:  # a bug must cost one connection, never the daemon
+                log.exception("%s: internal error; disconnecting it", session)
             finally:
                 self.sessions.discard(session)
                 freed = self._free_all(session)
+                self.ledger.close(session.account)
                 log.info("%s disconnected; freed %d buffer(s)", session, freed)
 
     async def _converse(self, sock: trio.socket.SocketType, session: Session) -> None:
@@ -265,14 +322,26 @@ class Daemon:
                 f"count {request.count} is not within 1..{self.limits.max_count}",
             )
             return
+        planned: int | None = None
+        try:
+            planned = formats.plan(fmt, request.width, request.height, self.limits).size
+        except LayoutError:
+            pass  # the backend refuses it below, saying why: limits come before quotas
         made: list[Allocation] = []
         try:
+            if planned is not None:
+                asked = planned * request.count
+                self.ledger.check(session.account, self.policy, request.count, asked)
             for _ in range(request.count):
                 made.append(self.backend.allocate(fmt, request.width, request.height, self.limits))
-        except (LayoutError, KernelError) as e:
+            # The quota holds the sizes made (page-rounded, the kernel's pitch), not the plan.
+            self.ledger.check(session.account, self.policy, len(made), sum(a.size for a in made))
+        except (LayoutError, KernelError, QuotaExceeded) as e:
             for allocation in made:
                 self._free(session, allocation)
-            if isinstance(e, LayoutError):
+            if isinstance(e, QuotaExceeded):
+                await self._fail(sock, session, serial, ErrorCode.QUOTA_EXCEEDED, str(e))
+            elif isinstance(e, LayoutError):
                 code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
                 await self._fail(sock, session, serial, code, str(e))
             else:
@@ -280,6 +349,7 @@ class Daemon:
                     sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
                 )
             return
+        self.ledger.charge(session.account, len(made), sum(a.size for a in made))
         infos = []
         for allocation in made:
             ident = session.next_id
@@ -306,16 +376,14 @@ class Daemon:
                     fds.append(self.backend.export(session.buffers[info.id]))
                 await self._send(sock, Allocated(total, index, tuple(part)), serial, fds)
             except KernelError as e:
-                # Export failed part-way: the client can't get the whole reply.
-                for info in infos[index:]:
-                    self._free(session, session.buffers.pop(info.id))
-                if index == 0:
-                    await self._fail(
-                        sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
-                    )
-                    return
-                log.error("%s: export failed mid-reply: %s", session, e)
-                raise _Drop from e
+                # The whole request fails, parts already sent included: on the
+                # Error the client closes what it got, and so do we.
+                for info in infos:
+                    self._drop(session, info.id)
+                await self._fail(
+                    sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
+                )
+                return
             finally:
                 fdpass.close_fds(fds)
 
@@ -328,7 +396,7 @@ class Daemon:
             await self._fail(sock, session, serial, ErrorCode.UNKNOWN_BUFFER, what)
             return
         for ident in request.ids:
-            self._free(session, session.buffers.pop(ident))
+            self._drop(session, ident)
         await self._send(sock, Released(len(request.ids)), serial)
 
     def _free(self, session: Session, allocation: Allocation) -> None:
@@ -337,12 +405,53 @@ class Daemon:
         except KernelError as e:  # never seen; log it rather than lose the session's others
             log.error("%s: freeing a buffer failed: %s", session, e)
 
+    def _drop(self, session: Session, ident: int) -> None:
+        allocation = session.buffers.pop(ident)
+        self.ledger.refund(session.account, 1, allocation.size)
+        self._free(session, allocation)
+
     def _free_all(self, session: Session) -> int:
         count = len(session.buffers)
-        for allocation in session.buffers.values():
-            self._free(session, allocation)
-        session.buffers.clear()
+        for ident in list(session.buffers):
+            self._drop(session, ident)
         return count
+
+
+async def _hang_up(sock: trio.socket.SocketType) -> None:
+    """Let the peer read what was sent before the close.
+
+    A socket closed with unread messages makes the peer's next recv fail with
+    ECONNRESET before it reads ours; so stop the peer sending, then drop what it sent.
+    """
+    sock.shutdown(socket.SHUT_RDWR)
+    while True:
+        data, ancdata, msg_flags, _ = await sock.recvmsg(
+            MAX_MESSAGE, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS
+        )
+        try:
+            fdpass.close_fds(fdpass.take_fds(ancdata, msg_flags))
+        except RemoteProtocolError:
+            pass
+        if not data and not ancdata:
+            return
+
+
+def credentials(sock: trio.socket.SocketType) -> Peer:
+    """Who is at the other end, as the kernel recorded it at connect time."""
+    pid, uid, gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    groups: frozenset[int] = frozenset()
+    for room in (64, 65536):  # a few groups, else NGROUPS_MAX
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, room * 4)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                continue
+            break  # before Linux 4.13: the primary group only
+        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+        break
+    return Peer(pid, uid, gid, groups)
 
 
 def bind(path: str, mode: int = 0o660) -> socket.socket:
@@ -389,11 +498,31 @@ async def run(
     limits: Limits | None = None,
     mode: int = 0o660,
     ready: Callable[[Daemon], None] | None = None,
+    policy: Policy | None = None,
+    reload: Callable[[], tuple[Limits, Policy]] | None = None,
+    activated: socket.socket | None = None,
 ) -> None:
-    """Serve on ``path`` until SIGTERM or SIGINT; free everything and remove the socket."""
-    daemon = Daemon(backend, limits)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        listener = trio.socket.from_stdlib_socket(bind(path, mode))
+    """Serve on ``path`` until SIGTERM or SIGINT; free everything and remove the socket.
+
+    ``activated`` is a socket systemd passed, already listening at ``path``: it is
+    served and left in place. SIGHUP reloads (:meth:`Daemon.reload`). With
+    $NOTIFY_SOCKET set, systemd hears READY=1, RELOADING=1, STOPPING=1, STATUS=
+    and, with $WATCHDOG_USEC, WATCHDOG=1.
+    """
+    daemon = Daemon(backend, limits, policy, reload)
+    reload_note = ""
+
+    def status() -> str:
+        kind = backend.kind.name.lower()
+        return f"serving {kind} buffers on {path}: {daemon.summary()}{reload_note}"
+
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+        systemd.Notifier.from_environment() as notifier,
+    ):
+        if activated is not None:
+            fdpass.refuse_rights(activated)
+        listener = trio.socket.from_stdlib_socket(activated or bind(path, mode))
         try:
             with listener:
                 async with trio.open_nursery() as nursery:
@@ -408,15 +537,25 @@ async def run(
                         backend.driver.patch,
                         path,
                     )
+                    notifier.ready(status())
+                    nursery.start_soon(notifier.heartbeat, status, systemd.watchdog_interval())
                     if ready is not None:
                         ready(daemon)
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            notifier.reloading()
+                            ok = daemon.reload()
+                            reload_note = "" if ok else "; last reload refused, see the log"
+                            notifier.ready(status())
+                            continue
                         log.info("%s: stopping", signal.Signals(signum).name)
+                        notifier.stopping()
                         nursery.cancel_scope.cancel()
                         break
         finally:
             try:
-                os.unlink(path)
+                if activated is None:
+                    os.unlink(path)
             except FileNotFoundError:
                 pass
             backend.close()

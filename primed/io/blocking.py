@@ -35,7 +35,10 @@ class Client:
 
     def _call(self, serial: int, data: bytes) -> Result:
         try:
-            fdpass.send(self._sock, data, [])
+            try:
+                fdpass.send(self._sock, data, [])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a daemon that refused us said why before closing: read on
             while True:
                 received, fds = fdpass.recv(self._sock)
                 if not received and not fds:
@@ -69,7 +72,8 @@ class Client:
         kernel's errno), ConnectionLost, ValueError for an unknown format.
         """
         buffers = cast(
-            list[Buffer], self._call(*self._conn.allocate(width, height, format, count or 1))
+            list[Buffer],
+            self._call(*self._conn.allocate(width, height, format, 1 if count is None else count)),
         )
         return buffers if count is not None else buffers[0]
 
@@ -107,9 +111,13 @@ def connect(path: str | None = None, *, name: str | None = None) -> Client:
     """Connect to the daemon at ``path`` (default: $PRIMED_SOCKET, else
     /run/primed/primed.sock) and shake hands. Raises OSError if nothing listens.
     """
+    where = socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(socket_path(path))
+        try:
+            sock.connect(where)
+        except OSError as e:  # connect() names no path: say which socket was tried
+            raise OSError(e.errno, e.strerror, where) from None
         return Client(sock, name)
     except BaseException:
         sock.close()

@@ -55,7 +55,10 @@ class AsyncClient:
         waiter = self._waiting[serial] = _Waiter()
         try:
             async with self._send_lock:
-                await self._sock.sendmsg([data])
+                try:
+                    await self._sock.sendmsg([data])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the reader hears why the daemon closed, and wakes us
             await waiter.done.wait()
         except BaseException:
             if self._waiting.pop(serial, None) is not None:
@@ -120,7 +123,10 @@ class AsyncClient:
     ) -> Buffer | list[Buffer]:
         """As :meth:`primed.Client.allocate`."""
         buffers = cast(
-            list[Buffer], await self._call(*self._conn.allocate(width, height, format, count or 1))
+            list[Buffer],
+            await self._call(
+                *self._conn.allocate(width, height, format, 1 if count is None else count)
+            ),
         )
         return buffers if count is not None else buffers[0]
 
@@ -141,7 +147,11 @@ async def connect_async(
     """Connect to the daemon (as :func:`primed.connect`) for the length of an ``async with``."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with sock:
-        await sock.connect(socket_path(path))
+        where = socket_path(path)
+        try:
+            await sock.connect(where)
+        except OSError as e:  # connect() names no path: say which socket was tried
+            raise OSError(e.errno, e.strerror, where) from None
         client = AsyncClient(sock, _default_name() if name is None else name)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._read)

@@ -1,0 +1,301 @@
+"""The daemon's configuration: a TOML file, checked key by key, and command-line overrides.
+
+``systemd/primed.toml`` documents every key. :func:`load` reads a file (or
+none: every key has a default), lays the command line's overrides over it, and
+returns a :class:`Config`, or raises :class:`ConfigError` naming the file and
+the key at fault. Nothing else in the daemon reads the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from primed.connection import socket_path
+from primed.errors import PrimedError
+from primed.formats import Limits
+from primed.policy import Policy, Quotas
+
+#: Read when ``serve`` is given no ``--config`` and the file exists.
+DEFAULT_PATH = "/etc/primed/primed.toml"
+
+BACKENDS = ("drm", "memfd")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_U32 = (1 << 32) - 1
+_U63 = (1 << 63) - 1
+
+
+class ConfigError(PrimedError, ValueError):
+    """The configuration is unusable; the message names where and which key."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``primed serve`` is told, from the file and the command line."""
+
+    device: str | None = None  #: None: the first card node that makes dumb buffers
+    backend: str = "drm"
+    socket: str | None = None  #: None: $PRIMED_SOCKET, else /run/primed/primed.sock
+    socket_mode: int = 0o660
+    log_level: str = "info"
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    policy: Policy = dataclasses.field(default_factory=Policy)
+    source: str | None = None  #: the file read, if any
+
+    @property
+    def socket_path(self) -> str:
+        return socket_path(self.socket)
+
+
+#: Keys a reload cannot change: they take effect when the daemon restarts.
+RESTART_KEYS = ("device", "backend", "socket", "socket_mode")
+
+#: The command-line flag that overrides each key.
+FLAGS = {
+    "device": "--device",
+    "backend": "--backend",
+    "socket": "--socket",
+    "socket_mode": "--socket-mode",
+    "log_level": "--log-level",
+    "limits.max_width": "--max-width",
+    "limits.max_height": "--max-height",
+    "limits.max_size": "--max-size",
+    "limits.max_count": "--max-count",
+}
+
+_TABLES = ("access", "limits", "quotas")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def _string(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
+    def convert(key: str, value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}; got {_describe(value)}")
+        return str(value)
+
+    return convert
+
+
+def _integer(low: int, high: int) -> Callable[[str, object], int]:
+    def convert(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"{value} is not within {low}..{high}")
+        return value
+
+    return convert
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_BYTES = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+
+
+def _bytes(low: int, high: int) -> Callable[[str, object], int]:
+    check = _integer(low, high)
+
+    def convert(key: str, value: object) -> int:
+        if isinstance(value, str):
+            found = _BYTES.fullmatch(value)
+            if found is None:
+                raise ValueError(f'expected bytes, e.g. 1048576 or "64M", got {value!r}')
+            value = int(found[1]) * _UNITS[found[2].upper()]
+        return check(key, value)
+
+    return convert
+
+
+def _mode(key: str, value: object) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise ValueError(f'expected permissions such as 0o660 or "0660", got {_describe(value)}')
+
+
+def _uid(name: object) -> int:
+    if isinstance(name, str):
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            raise ValueError(f"no user named {name!r}") from None
+    return _integer(0, _U32 - 1)("", name)
+
+
+def _gid(name: object) -> int:
+    if isinstance(name, str):
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise ValueError(f"no group named {name!r}") from None
+    return _integer(0, _U32 - 1)("", name)
+
+
+def _ids(resolve: Callable[[object], int]) -> Callable[[str, object], frozenset[int]]:
+    def convert(key: str, value: object) -> frozenset[int]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected an array of names or numbers, got {_describe(value)}")
+        return frozenset(resolve(item) for item in value)
+
+    return convert
+
+
+def _one_id(resolve: Callable[[object], int]) -> Callable[[str, object], int]:
+    def convert(key: str, value: object) -> int:
+        return resolve(value)
+
+    return convert
+
+
+#: Every key the file may hold (tables flattened), and what makes its value.
+KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "device": _string,
+    "backend": _choice(BACKENDS),
+    "socket": _string,
+    "socket_mode": _mode,
+    "log_level": _choice(LOG_LEVELS),
+    "access.allowed_uids": _ids(_uid),
+    "access.allowed_gids": _ids(_gid),
+    "access.admin_group": _one_id(_gid),
+    "limits.max_width": _integer(1, _U32),
+    "limits.max_height": _integer(1, _U32),
+    # Plane offsets are 32-bit, as in KMS.
+    "limits.max_size": _bytes(1, _U32),
+    "limits.max_count": _integer(1, _U32),
+    "quotas.buffers_per_client": _integer(0, _U63),
+    "quotas.bytes_per_client": _bytes(0, _U63),
+    "quotas.buffers_per_uid": _integer(0, _U63),
+    "quotas.bytes_per_uid": _bytes(0, _U63),
+}
+
+
+def _flatten(data: Mapping[str, object], where: str) -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if key in _TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key}: expected a table ([{key}]), got {value!r}")
+            for inner, item in value.items():
+                flat[f"{key}.{inner}"] = item
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(KEYS))
+    if unknown:
+        table = unknown[0].rpartition(".")[0]
+        known = [key for key in KEYS if key.rpartition(".")[0] == table]
+        if not table:
+            known += [f"[{name}]" for name in _TABLES]
+        raise ConfigError(f"{where}: unknown key {unknown[0]}; known: {', '.join(known)}")
+    return flat
+
+
+def read(path: str) -> dict[str, object]:
+    """The keys of the TOML file at ``path``, flattened (``limits.max_width``); unchecked.
+
+    Raises ConfigError if it can't be read, is not TOML, or has an unknown key.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return _flatten(data, path)
+
+
+def build(
+    keys: Mapping[str, object], *, source: str | None = None, flags: Iterable[str] = ()
+) -> Config:
+    """A Config from flattened ``keys``; the keys in ``flags`` came from the command line.
+
+    Raises ConfigError naming the first bad key (as its flag, if it came from one).
+    """
+    given = set(flags)
+    values: dict[str, Any] = {}
+    for key, value in keys.items():
+        convert = KEYS.get(key)
+        if convert is None:
+            raise ConfigError(f"{source or 'configuration'}: unknown key {key}")
+        try:
+            values[key] = convert(key, value)
+        except ValueError as e:
+            if key in given:
+                raise ConfigError(f"command line: {FLAGS[key]}: {e}") from None
+            raise ConfigError(f"{source or 'configuration'}: {key}: {e}") from None
+    defaults = Limits()
+    limits = Limits(
+        values.get("limits.max_width", defaults.max_width),
+        values.get("limits.max_height", defaults.max_height),
+        values.get("limits.max_size", defaults.max_size),
+        values.get("limits.max_count", defaults.max_count),
+    )
+    quotas = Quotas(
+        values.get("quotas.buffers_per_client", 0),
+        values.get("quotas.bytes_per_client", 0),
+        values.get("quotas.buffers_per_uid", 0),
+        values.get("quotas.bytes_per_uid", 0),
+    )
+    policy = Policy(
+        values.get("access.allowed_uids", frozenset()),
+        values.get("access.allowed_gids", frozenset()),
+        values.get("access.admin_group"),
+        quotas,
+    )
+    return Config(
+        device=values.get("device"),
+        backend=values.get("backend", "drm"),
+        socket=values.get("socket"),
+        socket_mode=values.get("socket_mode", 0o660),
+        log_level=values.get("log_level", "info"),
+        limits=limits,
+        policy=policy,
+        source=source,
+    )
+
+
+def load(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
+    """The configuration in the file at ``path`` (None: no file), with ``overrides``
+    (flattened keys, as from the command line) laid over it.
+
+    Raises ConfigError naming the file and the key at fault.
+    """
+    keys = read(path) if path is not None else {}
+    given = dict(overrides or {})
+    unknown = set(given) - set(FLAGS)
+    if unknown:
+        raise ValueError(f"no command-line flag sets {sorted(unknown)}")
+    keys.update(given)
+    return build(keys, source=path, flags=given)
+
+
+def default_path(path: str | None) -> str | None:
+    """The file ``serve`` reads: ``path`` if given, else DEFAULT_PATH if it exists."""
+    if path is not None:
+        return path
+    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys whose change a reload cannot apply (RESTART_KEYS that differ)."""
+    return [key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key)]

@@ -1,0 +1,238 @@
+"""Write the golden vectors: one datagram per file in vectors/, each described in vectors.json.
+
+Usage: ``python protocol/make_vectors.py [--check]``. With ``--check`` nothing is
+written; the exit status is 1 if the files on disk differ from what would be.
+Every vector is built with primed.protocol.encode, so the files are exactly what
+the daemon and its clients put on the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import re
+import sys
+from pathlib import Path
+
+from primed import formats
+from primed.errors import ErrorCode
+from primed.protocol import (
+    Allocate,
+    Allocated,
+    BufferInfo,
+    Error,
+    Hello,
+    Message,
+    Release,
+    Released,
+    Request,
+    Welcome,
+    encode,
+)
+from primed.schema import VERSION, Backend
+
+OUT = Path(__file__).resolve().parent / "vectors"
+INDEX = "vectors.json"
+PAGE = 4096
+# An array of integers, as json.dumps(indent=...) spreads it over lines (a JSON string can hold
+# no raw newline, so no text inside a string can match).
+_NUMBERS = re.compile(r"\[\n\s*(-?\d+(?:,\n\s*-?\d+)*)\n\s*\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Vector:
+    name: str
+    serial: int
+    message: Message
+    about: str
+
+
+def _buffer(ident: int, width: int, height: int, code: str) -> BufferInfo:
+    """A buffer laid out as the daemon lays it out, its size rounded up to a page."""
+    fmt = formats.lookup(code)
+    lay = formats.layout(fmt, width, height)
+    return BufferInfo(
+        ident,
+        width,
+        height,
+        fmt.fourcc,
+        formats.MOD_LINEAR,
+        -(-lay.size // PAGE) * PAGE,
+        tuple((plane.offset, plane.pitch) for plane in lay.planes),
+    )
+
+
+VECTORS = (
+    Vector("hello", 1, Hello(VERSION, VERSION, "kmscube"), "handshake, version 1 only"),
+    Vector("hello_empty_name", 1, Hello(VERSION, VERSION, ""), "handshake without a name"),
+    Vector(
+        "hello_version_range",
+        1,
+        Hello(1, 3, "capture-vidéo"),
+        "versions 1 to 3 offered; a name with non-ASCII UTF-8",
+    ),
+    Vector(
+        "allocate_xr24",
+        2,
+        Allocate(1366, 768, formats.fourcc("XR24")),
+        "one XRGB8888 buffer, 1366x768",
+    ),
+    Vector(
+        "allocate_nv12_count256",
+        3,
+        Allocate(64, 64, formats.fourcc("NV12"), count=256),
+        "256 NV12 buffers: answered in two ALLOCATED parts (253 + 3)",
+    ),
+    Vector(
+        "release",
+        0x04030201,
+        Release((1, 254, 256)),
+        "three ids; the serial's four bytes differ to show the byte order",
+    ),
+    Vector("release_empty", 6, Release(()), "no ids: valid, answered with RELEASED count 0"),
+    Vector(
+        "welcome_drm",
+        1,
+        Welcome(
+            VERSION,
+            Backend.DRM,
+            16384,
+            16384,
+            1 << 30,
+            1024,
+            "virtio_gpu",
+            (0, 1, 0),
+            "/dev/dri/card0",
+        ),
+        "DRM backend on virtio_gpu 0.1.0, default limits",
+    ),
+    Vector(
+        "welcome_memfd",
+        1,
+        Welcome(VERSION, Backend.MEMFD, 16384, 16384, 1 << 30, 1024, "memfd", (0, 0, 0), ""),
+        "memfd backend: no node path",
+    ),
+    Vector(
+        "allocated_xr24",
+        2,
+        Allocated(1, 0, (_buffer(1, 1366, 768, "XR24"),)),
+        "one XRGB8888 buffer; pitch 5504 > 1366 * 4: rows are padded",
+    ),
+    Vector(
+        "allocated_nv12",
+        7,
+        Allocated(1, 0, (_buffer(2, 1920, 1080, "NV12"),)),
+        "one NV12 buffer: Y plane, then the interleaved UV plane at half height",
+    ),
+    Vector(
+        "allocated_yu12",
+        8,
+        Allocated(1, 0, (_buffer(3, 640, 480, "YU12"),)),
+        "one YUV420 buffer: Y, U and V planes, chroma pitches half of plane 0's",
+    ),
+    Vector(
+        "allocated_nv12_part2",
+        3,
+        Allocated(256, 253, tuple(_buffer(i, 64, 64, "NV12") for i in range(254, 257))),
+        "last part of the answer to allocate_nv12_count256: positions 253..255, ids 254..256",
+    ),
+    Vector(
+        "error_bad_message",
+        0,
+        Error(ErrorCode.BAD_MESSAGE, 0, "datagram of 3 bytes is shorter than a header"),
+        "serial 0: the header could not be read; the server then closes the connection",
+    ),
+    Vector(
+        "error_unknown_opcode",
+        9,
+        Error(ErrorCode.UNKNOWN_OPCODE, 0, "unknown opcode 0x0042"),
+        "the connection stays open",
+    ),
+    Vector(
+        "error_kernel",
+        4,
+        Error(ErrorCode.KERNEL, 12, "Cannot allocate memory — mémoire épuisée (メモリ不足)"),
+        "errno 12 (ENOMEM); text in UTF-8 with two- and three-byte sequences",
+    ),
+    Vector("released", 5, Released(3), "answer to release"),
+)
+
+
+def _json(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_json(item) for item in value]
+    if isinstance(value, enum.IntEnum):
+        return int(value)
+    return value
+
+
+def render() -> dict[str, bytes]:
+    """Every file of the vectors folder by name, as it should be."""
+    files = {}
+    entries = []
+    for vector in VECTORS:
+        data = encode(vector.message, vector.serial)
+        file = f"{vector.name}.bin"
+        files[file] = data
+        entries.append(
+            {
+                "name": vector.name,
+                "file": file,
+                "direction": "request" if isinstance(vector.message, Request) else "reply",
+                "opcode": int(vector.message.OPCODE),
+                "message": vector.message.OPCODE.name,
+                "serial": vector.serial,
+                "nfds": vector.message.nfds,
+                "length": len(data),
+                "about": vector.about,
+                "fields": _json(vector.message),
+            }
+        )
+    index = {"protocol_version": VERSION, "vectors": entries}
+    text = json.dumps(index, indent=2, ensure_ascii=False)
+    text = _NUMBERS.sub(lambda m: "[" + ", ".join(m[1].replace(",", " ").split()) + "]", text)
+    files[INDEX] = (text + "\n").encode("utf-8")
+    return files
+
+
+def _stale(expected: dict[str, bytes]) -> list[Path]:
+    return sorted(p for p in OUT.glob("*.bin") if p.name not in expected)
+
+
+def check(expected: dict[str, bytes]) -> list[str]:
+    """Names of the files that are missing, different, or not expected at all."""
+    wrong = [
+        name
+        for name, data in expected.items()
+        if not (OUT / name).is_file() or (OUT / name).read_bytes() != data
+    ]
+    return sorted(wrong + [p.name for p in _stale(expected)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if the files differ"
+    )
+    args = parser.parse_args(argv)
+    expected = render()
+    if args.check:
+        wrong = check(expected)
+        for name in wrong:
+            print(f"out of date: {OUT.name}/{name}", file=sys.stderr)
+        return 1 if wrong else 0
+    OUT.mkdir(exist_ok=True)
+    for path in _stale(expected):
+        path.unlink()
+    for name, data in expected.items():
+        (OUT / name).write_bytes(data)
+    print(f"wrote {len(expected)} files to {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

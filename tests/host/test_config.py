@@ -1,0 +1,228 @@
+"""The configuration file: every key checked and named when wrong, flags over the file,
+and SIGHUP reloading it in a running daemon without dropping its clients."""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import primed
+from primed import config
+from primed.config import Config, ConfigError
+from primed.errors import ErrorCode
+from primed.formats import Limits
+from primed.policy import Policy, Quotas
+from tests.host.conftest import StartDaemon
+from tests.support import Daemon, can_connect, wait_for
+
+EXAMPLE = Path(__file__).parents[2] / "systemd" / "primed.toml"
+
+
+def write(directory: Path, text: str, name: str = "primed.toml") -> str:
+    path = directory / name
+    path.write_text(text)
+    return str(path)
+
+
+# --- the file ------------------------------------------------------------------------------
+
+
+def test_no_file_means_the_defaults() -> None:
+    assert config.load(None) == Config()
+    assert config.load(None).limits == Limits()
+    assert config.load(None).policy == Policy()
+
+
+def test_every_key(tmp_path: Path) -> None:
+    video = grp.getgrgid(os.getgid()).gr_name
+    text = f"""
+        device = "/dev/dri/card1"
+        backend = "memfd"
+        socket = "/tmp/x.sock"
+        socket_mode = "0600"
+        log_level = "debug"
+        [access]
+        allowed_uids = ["root", 1000]
+        allowed_gids = ["{video}", 44]
+        admin_group = {os.getgid()}
+        [limits]
+        max_width = 4096
+        max_height = 2160
+        max_size = "64M"
+        max_count = 8
+        [quotas]
+        buffers_per_client = 16
+        bytes_per_client = "1GiB"
+        buffers_per_uid = 64
+        bytes_per_uid = 1048576
+    """
+    path = write(tmp_path, "\n".join(line.strip() for line in text.splitlines()))
+    assert config.load(path) == Config(
+        device="/dev/dri/card1",
+        backend="memfd",
+        socket="/tmp/x.sock",
+        socket_mode=0o600,
+        log_level="debug",
+        limits=Limits(4096, 2160, 64 << 20, 8),
+        policy=Policy(
+            frozenset({0, 1000}),
+            frozenset({os.getgid(), 44}),
+            os.getgid(),
+            Quotas(16, 1 << 30, 64, 1 << 20),
+        ),
+        source=path,
+    )
+
+
+def test_the_example_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    assert config.load(str(EXAMPLE)).policy.quotas.buffers_per_client == 256
+    uncommented = re.sub(r"(?m)^#(\w+ = )", r"\1", text)
+    data = tomllib.loads(uncommented)
+    flat = {
+        f"{table}.{key}": value
+        for table, inner in data.items()
+        if isinstance(inner, dict)
+        for key, value in inner.items()
+    } | {key: value for key, value in data.items() if not isinstance(value, dict)}
+    assert set(flat) == set(config.KEYS)
+    del flat["access.admin_group"]  # names a group this machine need not have
+    shown = config.build(flat, source="the example")
+    assert shown.limits == Limits()  # the commented-out values are the defaults
+    assert (shown.backend, shown.socket_mode, shown.log_level) == ("drm", 0o660, "info")
+    assert shown.socket_path == primed.DEFAULT_SOCKET
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[limits]\nmax_width = "wide"', "limits.max_width: expected an integer, got 'wide'"),
+        ("[limits]\nmax_width = true", "limits.max_width: expected an integer, got True"),
+        ("[limits]\nmax_height = 0", "limits.max_height: 0 is not within 1..4294967295"),
+        ('[limits]\nmax_size = "4G"', "limits.max_size: 4294967296 is not within 1..4294967295"),
+        ('[limits]\nmax_size = "lots"', "limits.max_size: expected bytes"),
+        ("[limits]\nmax_widht = 1", "unknown key limits.max_widht; known: limits.max_width,"),
+        ("colour = 1", "unknown key colour; known: device, backend,"),
+        ("limits = 5", "limits: expected a table ([limits]), got 5"),
+        ('backend = "gpu"', "backend: expected one of drm, memfd; got 'gpu'"),
+        ('log_level = "loud"', "log_level: expected one of debug, info, warning, error"),
+        ('socket = ""', "socket: expected a non-empty string, got ''"),
+        ('socket_mode = "rw"', "socket_mode: expected permissions"),
+        ("socket_mode = 0o1777", "socket_mode: expected permissions"),
+        ('[access]\nallowed_uids = "root"', "access.allowed_uids: expected an array"),
+        ('[access]\nallowed_uids = ["no-such-user-x"]', "no user named 'no-such-user-x'"),
+        ("[access]\nallowed_gids = [-1]", "access.allowed_gids: -1 is not within"),
+        ('[access]\nadmin_group = "no-such-group-x"', "access.admin_group: no group named"),
+        ("[quotas]\nbytes_per_uid = -1", "quotas.bytes_per_uid: -1 is not within 0.."),
+        ("[limits]\nmax_width = ", "not valid TOML: Invalid value (at line 2, column 13)"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as bad:
+        config.load(path)
+    assert str(bad.value).startswith(f"{path}: ")
+    assert message in str(bad.value)
+
+
+def test_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"/nothing\.toml: cannot read: No such file"):
+        config.load(str(tmp_path / "nothing.toml"))
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[limits]\nmax_width = 100\nmax_height = 100\nbackend = "drm"')
+    with pytest.raises(ConfigError, match=r"unknown key limits\.backend"):
+        config.load(path)
+    path = write(tmp_path, 'backend = "drm"\n[limits]\nmax_width = 100\nmax_height = 100\n')
+    loaded = config.load(path, {"limits.max_width": 300, "backend": "memfd"})
+    assert (loaded.limits.max_width, loaded.limits.max_height) == (300, 100)
+    assert loaded.backend == "memfd"
+    with pytest.raises(ConfigError, match=r"^command line: --max-size: 4294967296 is not"):
+        config.load(path, {"limits.max_size": 1 << 32})
+
+
+def test_what_a_reload_cannot_change() -> None:
+    old = Config()
+    new = Config(backend="memfd", socket="/x", limits=Limits(1, 1, 1, 1), log_level="debug")
+    assert config.restart_needed(old, new) == ["backend", "socket"]
+
+
+# --- a daemon ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[limits]\nmax_width = "wide"\n', "limits.max_width: expected an integer, got 'wide'"),
+        (None, "cannot read: No such file or directory"),
+    ],
+)
+def test_a_bad_file_at_start(sock_dir: Path, text: str | None, message: str) -> None:
+    path = write(sock_dir, text) if text is not None else str(sock_dir / "absent.toml")
+    socket_path = str(sock_dir / "primed.sock")
+    done = subprocess.run(
+        [sys.executable, "-m", "primed", "serve", "--config", path, "--socket", socket_path],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"primed: ERROR: {path}: {message}" in done.stderr
+    assert not os.path.lexists(socket_path)
+
+
+def reload(daemon: Daemon, what: str) -> None:
+    """SIGHUP, then wait until the log says ``what`` once more than it did."""
+    before = daemon.log().count(what)
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.log().count(what) > before, f"{what!r} in the daemon's log")
+
+
+def test_reload_keeps_clients_and_applies_the_new_file(spawn: StartDaemon, sock_dir: Path) -> None:
+    path = write(sock_dir, "[limits]\nmax_width = 100\n[quotas]\nbuffers_per_client = 1\n")
+    daemon = spawn("--config", path, "--max-height", "50")
+    with primed.connect(daemon.socket) as client:
+        assert (client.info.limits.max_width, client.info.limits.max_height) == (100, 50)
+        held = client.allocate(100, 50)
+        with pytest.raises(primed.ServerError, match="quota: 1 buffers per client"):
+            client.allocate(1, 1)
+
+        write(
+            sock_dir,
+            "[limits]\nmax_width = 200\nmax_height = 999\n[quotas]\nbuffers_per_client = 3\n",
+        )
+        reload(daemon, "reloaded; 1 client(s) stay connected")
+        wider = client.allocate(200, 50, count=2)  # the same connection, under the new rules
+        with pytest.raises(primed.ServerError, match="quota: 3 buffers per client; 3 held"):
+            client.allocate(1, 1)
+        with primed.connect(daemon.socket) as newcomer:
+            # --max-height was given: the flag still beats the file.
+            assert (newcomer.info.limits.max_width, newcomer.info.limits.max_height) == (200, 50)
+
+        write(sock_dir, "[limits]\nmax_width = 300\n[quotas]\nbuffers_per_client = -5\n")
+        reload(daemon, "reload refused, the running configuration stays")
+        assert f"{path}: quotas.buffers_per_client: -5 is not within" in daemon.log()
+        with pytest.raises(primed.ServerError) as wide:
+            client.allocate(300, 1)  # the old limit holds
+        assert wide.value.code == ErrorCode.LIMIT_EXCEEDED
+        client.release(held, *wider)
+        client.release(*client.allocate(200, 50, count=3))
+
+        os.unlink(path)
+        reload(daemon, "reload refused, the running configuration stays")
+        assert "cannot read: No such file or directory" in daemon.log()
+        write(sock_dir, 'device = "/dev/dri/card9"\n')
+        reload(daemon, "reloaded; 1 client(s) stay connected")
+        assert "reload: device changed; that takes a restart" in daemon.log()
+        client.release(*client.allocate(1, 1, count=10))  # the quota went with its key
+    assert can_connect(daemon.socket)

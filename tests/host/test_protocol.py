@@ -1,0 +1,660 @@
+"""primed.protocol against primed.schema: round trips, byte-for-byte agreement, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import tracemalloc
+from pathlib import Path
+from typing import Any, Literal
+
+import construct
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from primed import protocol, schema
+from primed.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from primed.protocol import (
+    HEADER_SIZE,
+    Allocate,
+    Allocated,
+    BufferInfo,
+    Error,
+    Hello,
+    Message,
+    Release,
+    Released,
+    Request,
+    UnknownOpcode,
+    Welcome,
+)
+from primed.schema import MAX_FDS, MAX_NAME, MAX_RELEASE, MAX_TEXT, Backend, Opcode
+
+Kind = Literal["request", "reply"]
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDER = ROOT / "protocol" / "vectors"
+VECTORS: list[tuple[str, bytes, int, Kind]] = [
+    (e["name"], (FOLDER / e["file"]).read_bytes(), e["nfds"], e["direction"])
+    for e in json.loads((FOLDER / "vectors.json").read_text("utf-8"))["vectors"]
+]
+COMPILED = schema.MESSAGE.compile()
+# Written out here rather than taken from the schema, so that a change there shows up here.
+_HEADER = struct.Struct("<HHII")
+HEADS = {
+    Opcode.HELLO: schema.HELLO_HEAD,
+    Opcode.ALLOCATE: schema.ALLOCATE_HEAD,
+    Opcode.RELEASE: schema.RELEASE_HEAD,
+    Opcode.ERROR: schema.ERROR_HEAD,
+    Opcode.WELCOME: schema.WELCOME_HEAD,
+    Opcode.ALLOCATED: schema.ALLOCATED_HEAD,
+    Opcode.RELEASED: schema.RELEASED_HEAD,
+}
+RECORD = 72
+BAD_UTF8 = [b"\xff", b"\xc3", b"a\x80", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
+
+each_vector = pytest.mark.parametrize(
+    ("data", "nfds", "kind"), [v[1:] for v in VECTORS], ids=[v[0] for v in VECTORS]
+)
+
+
+# Strategies: every field over its whole range, strings up to their byte limit.
+
+u16 = st.integers(0, 2**16 - 1)
+u32 = st.integers(0, 2**32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+i32 = st.integers(-(2**31), 2**31 - 1)
+kinds: st.SearchStrategy[Kind] = st.sampled_from(["request", "reply"])
+
+
+def utf8(limit: int) -> st.SearchStrategy[str]:
+    """Text of at most ``limit`` bytes of UTF-8, often right at the limit."""
+    return st.text(max_size=limit).map(lambda s: s.encode()[:limit].decode("utf-8", "ignore"))
+
+
+hellos = st.builds(Hello, u16, u16, utf8(MAX_NAME))
+allocates = st.builds(Allocate, u32, u32, u32, u32, u32)
+releases = st.builds(Release, st.lists(u64, max_size=64).map(tuple))
+errors = st.builds(Error, u32, i32, utf8(MAX_TEXT))
+welcomes = st.builds(
+    Welcome,
+    u16,
+    st.sampled_from(Backend),
+    u32,
+    u32,
+    u64,
+    u32,
+    utf8(MAX_NAME),
+    st.tuples(u32, u32, u32),
+    utf8(MAX_NAME),
+)
+planes = st.lists(st.tuples(u32, u32), min_size=1, max_size=4).map(tuple)
+buffers = st.builds(BufferInfo, u64, u32, u32, u32, u64, u64, planes)
+
+
+@st.composite
+def allocateds(draw: st.DrawFn) -> Allocated:
+    part = tuple(draw(st.lists(buffers, min_size=1, max_size=8)))
+    index = draw(st.integers(0, 2**32 - 1 - len(part)))
+    return Allocated(draw(st.integers(index + len(part), 2**32 - 1)), index, part)
+
+
+releaseds = st.builds(Released, u32)
+messages = st.one_of(hellos, allocates, releases, errors, welcomes, allocateds(), releaseds)
+
+
+def kind_of(message: Message) -> Kind:
+    return "request" if isinstance(message, Request) else "reply"
+
+
+# The construct schema's view of a message.
+
+
+def _record(buffer: BufferInfo) -> dict[str, Any]:
+    flat = [value for plane in buffer.planes for value in plane]
+    flat += [0] * (8 - len(flat))
+    return {
+        "id": buffer.id,
+        "width": buffer.width,
+        "height": buffer.height,
+        "fourcc": buffer.fourcc,
+        "nplanes": len(buffer.planes),
+        "modifier": buffer.modifier,
+        "size": buffer.size,
+        **{f"offset{i}": flat[2 * i] for i in range(4)},
+        **{f"pitch{i}": flat[2 * i + 1] for i in range(4)},
+    }
+
+
+def layout(message: Message, serial: int) -> dict[str, Any]:
+    """What schema.MESSAGE.build takes to make ``message``'s datagram."""
+    body: dict[str, Any]
+    match message:
+        case Hello():
+            name = message.name.encode()
+            body = {
+                "min_version": message.min_version,
+                "max_version": message.max_version,
+                "name_len": len(name),
+                "name": name,
+            }
+        case Allocate():
+            body = {
+                "width": message.width,
+                "height": message.height,
+                "fourcc": message.fourcc,
+                "count": message.count,
+                "flags": message.flags,
+            }
+        case Release():
+            body = {"count": len(message.ids), "ids": list(message.ids)}
+        case Error():
+            text = message.text.encode()
+            body = {
+                "code": message.code,
+                "errno": message.errno,
+                "text_len": len(text),
+                "text": text,
+            }
+        case Welcome():
+            driver, node = message.driver.encode(), message.node.encode()
+            major, minor, patch = message.driver_version
+            body = {
+                "version": message.version,
+                "backend": int(message.backend),
+                "max_width": message.max_width,
+                "max_height": message.max_height,
+                "max_size": message.max_size,
+                "max_count": message.max_count,
+                "driver_major": major,
+                "driver_minor": minor,
+                "driver_patch": patch,
+                "driver_len": len(driver),
+                "node_len": len(node),
+                "driver": driver,
+                "node": node,
+            }
+        case Allocated():
+            body = {
+                "total": message.total,
+                "index": message.index,
+                "count": len(message.buffers),
+                "buffers": [_record(b) for b in message.buffers],
+            }
+        case Released():
+            body = {"count": message.count}
+    size = len(schema.BODIES[message.OPCODE].build(body))
+    header = {"opcode": message.OPCODE, "nfds": message.nfds, "size": size, "serial": serial}
+    return {"header": header, "body": body}
+
+
+def _buffer(r: Any) -> BufferInfo:
+    planes = tuple((r[f"offset{i}"], r[f"pitch{i}"]) for i in range(r.nplanes))
+    return BufferInfo(r.id, r.width, r.height, r.fourcc, r.modifier, r.size, planes)
+
+
+def parsed(result: Any) -> tuple[int, int, Message]:
+    """``(serial, nfds, message)`` from what schema.MESSAGE.parse returned."""
+    b = result.body
+    message: Message
+    match Opcode(result.header.opcode):
+        case Opcode.HELLO:
+            message = Hello(b.min_version, b.max_version, b.name.decode())
+        case Opcode.ALLOCATE:
+            message = Allocate(b.width, b.height, b.fourcc, b.count, b.flags)
+        case Opcode.RELEASE:
+            message = Release(tuple(b.ids))
+        case Opcode.ERROR:
+            message = Error(b.code, b.errno, b.text.decode())
+        case Opcode.WELCOME:
+            message = Welcome(
+                b.version,
+                Backend(b.backend),
+                b.max_width,
+                b.max_height,
+                b.max_size,
+                b.max_count,
+                b.driver.decode(),
+                (b.driver_major, b.driver_minor, b.driver_patch),
+                b.node.decode(),
+            )
+        case Opcode.ALLOCATED:
+            message = Allocated(b.total, b.index, tuple(_buffer(r) for r in b.buffers))
+        case Opcode.RELEASED:
+            message = Released(b.count)
+    return result.header.serial, result.header.nfds, message
+
+
+# Helpers for hand-made datagrams.
+
+
+def datagram(opcode: int, body: bytes, *, nfds: int = 0, serial: int = 7) -> bytes:
+    return _HEADER.pack(opcode, nfds, len(body), serial) + body
+
+
+def reheader(data: bytes, *, nfds: int | None = None, size: int | None = None) -> bytes:
+    """``data`` with its header's nfds or size replaced."""
+    opcode, old_nfds, old_size, serial = _HEADER.unpack_from(data)
+    return (
+        _HEADER.pack(
+            opcode,
+            old_nfds if nfds is None else nfds,
+            old_size if size is None else size,
+            serial,
+        )
+        + data[HEADER_SIZE:]
+    )
+
+
+def refused(data: bytes, nfds: int, kind: Kind) -> RemoteProtocolError:
+    """Assert that ``data`` is refused as malformed (not as an unknown opcode)."""
+    with pytest.raises(RemoteProtocolError) as caught:
+        protocol.decode(data, nfds, kind)
+    error = caught.value
+    assert error.code == ErrorCode.BAD_MESSAGE, error
+    if len(data) >= HEADER_SIZE:
+        assert error.serial == _HEADER.unpack_from(data)[3]
+    return error
+
+
+def refused_cheaply(data: bytes, nfds: int, kind: Kind) -> None:
+    """refused(), having allocated no more than a little memory on the way."""
+    tracemalloc.start()
+    try:
+        refused(data, nfds, kind)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024
+
+
+def decodes_or_refuses(data: bytes, nfds: int, kind: Kind) -> None:
+    """decode() returns a message or raises RemoteProtocolError, and nothing else.
+
+    A datagram it accepts is exactly the one encode() makes of the result: the
+    encoding is canonical, so no two datagrams mean the same message.
+    """
+    try:
+        serial, message = protocol.decode(data, nfds, kind)
+    except RemoteProtocolError:
+        return
+    assert message.nfds == nfds
+    assert protocol.encode(message, serial) == data
+
+
+# Round trips and agreement with the schema.
+
+
+@given(messages, u32)
+def test_round_trip(message: Message, serial: int) -> None:
+    data = protocol.encode(message, serial)
+    assert protocol.decode(data, message.nfds, kind_of(message)) == (serial, message)
+
+
+@given(messages, u32)
+def test_fast_path_is_the_schema(message: Message, serial: int) -> None:
+    data = protocol.encode(message, serial)
+    fields = layout(message, serial)
+    assert schema.MESSAGE.build(fields) == data
+    assert COMPILED.build(fields) == data
+    assert parsed(schema.MESSAGE.parse(data)) == (serial, message.nfds, message)
+    assert parsed(COMPILED.parse(data)) == (serial, message.nfds, message)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "HEADER",
+        "HELLO_HEAD",
+        "ALLOCATE_HEAD",
+        "RELEASE_HEAD",
+        "ERROR_HEAD",
+        "WELCOME_HEAD",
+        "ALLOCATED_HEAD",
+        "BUFFER",
+        "RELEASED_HEAD",
+    ],
+)
+def test_fixed_is_the_declaration(name: str) -> None:
+    head = getattr(schema, name)
+    fixed = schema.fixed(head)
+    assert fixed.size == head.sizeof()
+    assert fixed.names == tuple(sub.name for sub in head.subcons)
+    values = [position + 1 for position in range(len(fixed.names))]
+    for position, required in fixed.consts:
+        values[position] = required
+    assert fixed.packer.pack(*values) == head.build(dict(zip(fixed.names, values, strict=True)))
+
+
+def test_fixed_refuses_what_is_not_an_integer_field() -> None:
+    with pytest.raises(TypeError):
+        schema.fixed(schema.BODIES[Opcode.HELLO])
+
+
+def test_sizes_that_clients_hard_code() -> None:
+    assert HEADER_SIZE == _HEADER.size == 12
+    assert schema.BUFFER.sizeof() == RECORD
+    assert schema.fixed(schema.WELCOME_HEAD).size == 44
+
+
+def test_opcode_ranges() -> None:
+    assert all(op < 0x8000 for op in protocol.REQUESTS)
+    assert all(op >= 0x8000 for op in protocol.REPLIES)
+    assert set(protocol.REQUESTS) | set(protocol.REPLIES) == set(Opcode)
+
+
+def test_limits_at_the_boundary_round_trip() -> None:
+    record = BufferInfo(1, 64, 64, 1, 0, 4096, ((0, 256),))
+    for message in (
+        Hello(1, 1, "n" * MAX_NAME),
+        Release(tuple(range(MAX_RELEASE))),
+        Error(1, 0, "t" * MAX_TEXT),
+        Welcome(1, Backend.DRM, 1, 1, 1, 1, "d" * MAX_NAME, (1, 2, 3), "n" * MAX_NAME),
+        Allocated(MAX_FDS, 0, (record,) * MAX_FDS),
+    ):
+        data = protocol.encode(message, 3)
+        assert len(data) <= schema.MAX_MESSAGE
+        assert protocol.decode(data, message.nfds, kind_of(message)) == (3, message)
+
+
+def test_allocate_flags_are_the_servers_to_judge() -> None:
+    message = Allocate(1, 1, 1, 1, 0xFFFFFFFF)
+    assert protocol.decode(protocol.encode(message, 1), 0, "request") == (1, message)
+
+
+# Malformed input: every refusal is a RemoteProtocolError with code BAD_MESSAGE.
+
+
+@each_vector
+def test_every_truncation_is_refused(data: bytes, nfds: int, kind: Kind) -> None:
+    for end in range(len(data)):
+        refused(data[:end], nfds, kind)
+        with pytest.raises(construct.ConstructError):
+            schema.MESSAGE.parse(data[:end])
+        if end >= HEADER_SIZE:
+            refused(reheader(data[:end], size=end - HEADER_SIZE), nfds, kind)
+
+
+@given(st.sampled_from(VECTORS), st.binary(min_size=1, max_size=64))
+def test_any_appended_bytes_are_refused(vector: tuple[str, bytes, int, Kind], extra: bytes) -> None:
+    _, data, nfds, kind = vector
+    longer = data + extra
+    refused(longer, nfds, kind)
+    refused(reheader(longer, size=len(longer) - HEADER_SIZE), nfds, kind)
+    with pytest.raises(construct.ConstructError):
+        schema.MESSAGE.parse(longer)
+
+
+@each_vector
+def test_fds_must_match_the_header_and_the_message(data: bytes, nfds: int, kind: Kind) -> None:
+    for arrived in {0, 1, nfds - 1, nfds + 1, MAX_FDS, MAX_FDS + 1} - {nfds, -1}:
+        refused(data, arrived, kind)
+        refused(reheader(data, nfds=arrived), arrived, kind)
+
+
+def _const_fields(head: Any) -> list[tuple[int, int]]:
+    """(offset, size) of each Const field of a head."""
+    found, offset = [], 0
+    for sub in head.subcons:
+        if isinstance(sub.subcon, construct.Const):
+            found.append((offset, sub.sizeof()))
+        offset += sub.sizeof()
+    return found
+
+
+@each_vector
+def test_nonzero_reserved_fields_are_refused(data: bytes, nfds: int, kind: Kind) -> None:
+    head = HEADS[Opcode(_HEADER.unpack_from(data)[0])]
+    for offset, size in _const_fields(head):
+        for value in (1, 1 << (8 * size - 1)):
+            start = HEADER_SIZE + offset
+            bad = data[:start] + value.to_bytes(size, "little") + data[start + size :]
+            refused(bad, nfds, kind)
+            with pytest.raises(construct.ConstError):
+                schema.MESSAGE.parse(bad)
+
+
+ALLOCATED_VECTORS = [v for v in VECTORS if _HEADER.unpack_from(v[1])[0] == Opcode.ALLOCATED]
+
+
+@pytest.mark.parametrize(
+    ("data", "nfds"), [v[1:3] for v in ALLOCATED_VECTORS], ids=[v[0] for v in ALLOCATED_VECTORS]
+)
+def test_plane_slots_past_nplanes_must_be_zero(data: bytes, nfds: int) -> None:
+    for k in range(nfds):
+        record = HEADER_SIZE + schema.ALLOCATED_HEAD.sizeof() + k * RECORD
+        nplanes = struct.unpack_from("<I", data, record + 20)[0]
+        for bad_count in (0, 5, 0xFFFFFFFF):
+            refused(
+                data[: record + 20] + struct.pack("<I", bad_count) + data[record + 24 :],
+                nfds,
+                "reply",
+            )
+        for slot in range(2 * nplanes, 8):
+            at = record + 40 + 4 * slot
+            refused(data[:at] + b"\x01\x00\x00\x00" + data[at + 4 :], nfds, "reply")
+
+
+@given(u16, u32, st.binary(max_size=64), kinds)
+def test_unknown_opcodes(opcode: int, serial: int, body: bytes, kind: Kind) -> None:
+    known = protocol.REQUESTS if kind == "request" else protocol.REPLIES
+    if opcode in known:
+        opcode ^= 0x8000  # the same opcode sent the wrong way
+    with pytest.raises(UnknownOpcode) as caught:
+        protocol.decode(datagram(opcode, body, serial=serial), 0, kind)
+    assert caught.value.code == ErrorCode.UNKNOWN_OPCODE
+    assert (caught.value.opcode, caught.value.serial) == (opcode, serial)
+    if opcode not in set(Opcode):
+        with pytest.raises(construct.ConstructError):
+            schema.MESSAGE.parse(datagram(opcode, body, serial=serial))
+
+
+@each_vector
+def test_messages_sent_the_wrong_way_are_unknown(data: bytes, nfds: int, kind: Kind) -> None:
+    other: Kind = "reply" if kind == "request" else "request"
+    with pytest.raises(UnknownOpcode):
+        protocol.decode(data, nfds, other)
+
+
+def test_counts_over_the_caps_are_refused_cheaply() -> None:
+    ids = struct.pack(f"<{MAX_RELEASE + 1}Q", *range(MAX_RELEASE + 1))
+    refused_cheaply(
+        datagram(Opcode.RELEASE, struct.pack("<II", MAX_RELEASE + 1, 0) + ids), 0, "request"
+    )
+    refused_cheaply(datagram(Opcode.RELEASE, struct.pack("<II", 2**32 - 1, 0) + ids), 0, "request")
+
+    record = protocol.encode(Allocated(1, 0, (BufferInfo(1, 1, 1, 1, 0, 1, ((0, 4),)),)), 1)[
+        -RECORD:
+    ]
+    for count in (MAX_FDS + 1, 2**32 - 1):
+        body = struct.pack("<IIII", count, 0, count, 0) + record * (MAX_FDS + 1)
+        for arrived in (MAX_FDS + 1, count % 2**16):
+            refused_cheaply(datagram(Opcode.ALLOCATED, body, nfds=arrived), arrived, "reply")
+
+    refused_cheaply(
+        datagram(Opcode.HELLO, struct.pack("<HHIHH", 1, 1, 0, 256, 0) + b"n" * 256), 0, "request"
+    )
+    refused_cheaply(datagram(Opcode.HELLO, struct.pack("<HHIHH", 1, 1, 0, 0xFFFF, 0)), 0, "request")
+    refused_cheaply(
+        datagram(Opcode.ERROR, struct.pack("<IiHH", 1, 0, 1025, 0) + b"t" * 1025), 0, "reply"
+    )
+    welcome = protocol.encode(Welcome(1, Backend.DRM, 1, 1, 1, 1, "d", (0, 0, 0), "n"), 1)
+    head = bytearray(welcome[HEADER_SIZE:-2])
+    for field in (40, 42):
+        long = bytearray(head)
+        struct.pack_into("<HH", long, 40, 1, 1)
+        struct.pack_into("<H", long, field, 256)
+        refused_cheaply(datagram(Opcode.WELCOME, bytes(long) + b"x" * 257), 0, "reply")
+
+
+@pytest.mark.parametrize(
+    ("total", "index", "count"),
+    [(0, 0, 0), (1, 0, 0), (1, 1, 1), (2, 1, 2), (2**32 - 1, 2**32 - 1, 1), (5, 2**32 - 2, 3)],
+)
+def test_allocated_parts_must_lie_within_the_whole(total: int, index: int, count: int) -> None:
+    record = protocol.encode(Allocated(1, 0, (BufferInfo(1, 1, 1, 1, 0, 1, ((0, 4),)),)), 1)[
+        -RECORD:
+    ]
+    body = struct.pack("<IIII", total, index, count, 0) + record * count
+    refused(datagram(Opcode.ALLOCATED, body, nfds=count), count, "reply")
+
+
+@pytest.mark.parametrize("backend", [0, 3, 0xFFFF])
+def test_unknown_backend_is_refused(backend: int) -> None:
+    data = bytearray(protocol.encode(Welcome(1, Backend.DRM, 1, 1, 1, 1), 1))
+    struct.pack_into("<H", data, HEADER_SIZE + 2, backend)
+    refused(bytes(data), 0, "reply")
+
+
+@pytest.mark.parametrize("bad", BAD_UTF8, ids=[b.hex() for b in BAD_UTF8])
+def test_strings_must_be_utf8(bad: bytes) -> None:
+    filler = "x" * len(bad)
+    cases: list[tuple[Message, int]] = [
+        (Hello(1, 1, filler), 0),
+        (Error(1, 0, filler), 0),
+        (Welcome(1, Backend.DRM, 1, 1, 1, 1, filler, (0, 0, 0), "node"), 4),
+        (Welcome(1, Backend.DRM, 1, 1, 1, 1, "driver", (0, 0, 0), filler), 0),
+    ]
+    for message, after in cases:
+        data = protocol.encode(message, 1)
+        start = len(data) - after - len(bad)
+        refused(data[:start] + bad + data[start + len(bad) :], 0, kind_of(message))
+
+
+# Whatever arrives, decode() answers with a message or a RemoteProtocolError.
+
+
+@given(st.binary(max_size=256), st.integers(0, MAX_FDS + 1), kinds)
+def test_arbitrary_bytes(data: bytes, nfds: int, kind: Kind) -> None:
+    decodes_or_refuses(data, nfds, kind)
+
+
+@given(st.sampled_from(Opcode) | u16, st.integers(0, 8), u32, st.binary(max_size=512), kinds)
+def test_arbitrary_bodies(opcode: int, nfds: int, serial: int, body: bytes, kind: Kind) -> None:
+    decodes_or_refuses(datagram(opcode, body, nfds=nfds, serial=serial), nfds, kind)
+
+
+@given(messages, u32, st.data())
+def test_mutated_messages(message: Message, serial: int, data: st.DataObject) -> None:
+    raw = bytearray(protocol.encode(message, serial))
+    for _ in range(data.draw(st.integers(1, 4))):
+        action = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        at = data.draw(st.integers(0, len(raw)))
+        if action == "set" and at < len(raw):
+            raw[at] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        else:
+            del raw[at : at + data.draw(st.integers(1, 8))]
+    if len(raw) >= HEADER_SIZE and data.draw(st.booleans()):
+        raw = bytearray(reheader(bytes(raw), size=len(raw) - HEADER_SIZE))
+    nfds = data.draw(st.sampled_from([message.nfds, 0, 1]))
+    decodes_or_refuses(bytes(raw), nfds, data.draw(kinds))
+
+
+# What this side may not send: LocalProtocolError, before anything reaches the wire.
+
+_ONE = BufferInfo(1, 1, 1, 1, 0, 4096, ((0, 64),))
+_WELCOME = (1, Backend.DRM, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(Allocate(2**32, 1, 1), id="width 2**32"),
+        pytest.param(Allocate(-1, 1, 1), id="negative width"),
+        pytest.param(Allocate(1, 1, 1, count=2**32), id="count 2**32"),
+        pytest.param(Hello(2**16, 1), id="version 2**16"),
+        pytest.param(Hello(name="n" * (MAX_NAME + 1)), id="name of 256 bytes"),
+        pytest.param(Hello(name="é" * 128), id="name of 128 characters, 256 bytes"),
+        pytest.param(Hello(name="\ud800"), id="name with a lone surrogate"),
+        pytest.param(Release(tuple(range(MAX_RELEASE + 1))), id="too many ids"),
+        pytest.param(Release((2**64,)), id="id 2**64"),
+        pytest.param(Error(2**32, 0, ""), id="code 2**32"),
+        pytest.param(Error(1, 2**31, ""), id="errno 2**31"),
+        pytest.param(Error(1, -(2**31) - 1, ""), id="errno below -2**31"),
+        pytest.param(Error(1, 0, "\udcff"), id="text with a lone surrogate"),
+        pytest.param(Welcome(*_WELCOME, driver="d" * (MAX_NAME + 1)), id="driver of 256 bytes"),
+        pytest.param(Welcome(*_WELCOME, node="n" * (MAX_NAME + 1)), id="node of 256 bytes"),
+        pytest.param(Welcome(1, Backend.DRM, 1, 1, 2**64, 1), id="max_size 2**64"),
+        pytest.param(Welcome(*_WELCOME, driver_version=(2**32, 0, 0)), id="driver major 2**32"),
+        pytest.param(Allocated(1, 0, ()), id="empty part"),
+        pytest.param(Allocated(1, 1, (_ONE,)), id="part past the total"),
+        pytest.param(Allocated(2**32, 0, (_ONE,)), id="total 2**32"),
+        pytest.param(Allocated(MAX_FDS + 1, 0, (_ONE,) * (MAX_FDS + 1)), id="too many fds"),
+        pytest.param(Allocated(1, 0, (BufferInfo(1, 1, 1, 1, 0, 1, ()),)), id="no planes"),
+        pytest.param(
+            Allocated(1, 0, (BufferInfo(1, 1, 1, 1, 0, 1, ((0, 4),) * 5),)), id="5 planes"
+        ),
+        pytest.param(
+            Allocated(1, 0, (BufferInfo(2**64, 1, 1, 1, 0, 1, ((0, 4),)),)), id="id 2**64"
+        ),
+        pytest.param(Released(-1), id="negative count"),
+    ],
+)
+def test_what_does_not_fit_is_a_local_error(message: Message) -> None:
+    with pytest.raises(LocalProtocolError):
+        protocol.encode(message, 1)
+
+
+@pytest.mark.parametrize("serial", [-1, 2**32])
+def test_serial_must_fit(serial: int) -> None:
+    with pytest.raises(LocalProtocolError):
+        protocol.encode(Released(0), serial)
+
+
+def test_long_error_text_is_cut_at_a_character() -> None:
+    # The server must always be able to say why; a long reason is shortened, not refused.
+    for text, kept in (("é" * 600, "é" * 512), ("x" + "é" * 600, "x" + "é" * 511)):
+        data = protocol.encode(Error(ErrorCode.INTERNAL, 0, text), 1)
+        assert protocol.decode(data, 0, "reply") == (1, Error(ErrorCode.INTERNAL, 0, kept))
+
+
+wide = st.one_of(u16, u32, u64, i32, st.integers())
+loose_text = st.lists(st.characters() | st.sampled_from(["\ud800", "\udfff"]), max_size=300).map(
+    "".join
+)
+loose_buffers = st.builds(
+    BufferInfo,
+    wide,
+    wide,
+    wide,
+    wide,
+    wide,
+    wide,
+    st.lists(st.tuples(wide, wide), max_size=5).map(tuple),
+)
+loose_messages = st.one_of(
+    st.builds(Hello, wide, wide, loose_text),
+    st.builds(Allocate, wide, wide, wide, wide, wide),
+    st.builds(Release, st.lists(wide, max_size=8).map(tuple)),
+    st.builds(Error, wide, wide, loose_text),
+    st.builds(
+        Welcome,
+        wide,
+        st.sampled_from(Backend),
+        wide,
+        wide,
+        wide,
+        wide,
+        loose_text,
+        st.tuples(wide, wide, wide),
+        loose_text,
+    ),
+    st.builds(Allocated, wide, wide, st.lists(loose_buffers, max_size=4).map(tuple)),
+    st.builds(Released, wide),
+)
+
+
+@given(loose_messages, wide)
+def test_encode_refuses_or_round_trips(message: Message, serial: int) -> None:
+    try:
+        data = protocol.encode(message, serial)
+    except LocalProtocolError:
+        return
+    if isinstance(message, Error):
+        cut = message.text.encode()[:MAX_TEXT].decode("utf-8", "ignore")
+        message = dataclasses.replace(message, text=cut)
+    assert protocol.decode(data, message.nfds, kind_of(message)) == (serial, message)

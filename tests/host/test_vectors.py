@@ -1,0 +1,151 @@
+"""The golden vectors in protocol/vectors: decode, encode and the construct schema all agree.
+
+vectors.json is read here on its own terms (not through make_vectors.py), so a
+vector that drifted from what its JSON says fails even if both were regenerated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from primed import protocol, schema
+from primed.protocol import (
+    Allocate,
+    Allocated,
+    BufferInfo,
+    Error,
+    Hello,
+    Message,
+    Release,
+    Released,
+    Welcome,
+)
+from primed.schema import Backend, Opcode
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDER = ROOT / "protocol" / "vectors"
+INDEX: list[dict[str, Any]] = json.loads((FOLDER / "vectors.json").read_text("utf-8"))["vectors"]
+COMPILED = schema.MESSAGE.compile()
+
+each_vector = pytest.mark.parametrize("entry", INDEX, ids=[e["name"] for e in INDEX])
+
+
+def _buffer(fields: dict[str, Any]) -> BufferInfo:
+    return BufferInfo(
+        fields["id"],
+        fields["width"],
+        fields["height"],
+        fields["fourcc"],
+        fields["modifier"],
+        fields["size"],
+        tuple((offset, pitch) for offset, pitch in fields["planes"]),
+    )
+
+
+def message_of(entry: dict[str, Any]) -> Message:
+    """The message a vector's JSON describes."""
+    f = entry["fields"]
+    message: Message
+    match Opcode(entry["opcode"]):
+        case Opcode.HELLO:
+            message = Hello(f["min_version"], f["max_version"], f["name"])
+        case Opcode.ALLOCATE:
+            message = Allocate(f["width"], f["height"], f["fourcc"], f["count"], f["flags"])
+        case Opcode.RELEASE:
+            message = Release(tuple(f["ids"]))
+        case Opcode.ERROR:
+            message = Error(f["code"], f["errno"], f["text"])
+        case Opcode.WELCOME:
+            major, minor, patch = f["driver_version"]
+            message = Welcome(
+                f["version"],
+                Backend(f["backend"]),
+                f["max_width"],
+                f["max_height"],
+                f["max_size"],
+                f["max_count"],
+                f["driver"],
+                (major, minor, patch),
+                f["node"],
+            )
+        case Opcode.ALLOCATED:
+            message = Allocated(f["total"], f["index"], tuple(_buffer(b) for b in f["buffers"]))
+        case Opcode.RELEASED:
+            message = Released(f["count"])
+    assert set(f) == {field.name for field in dataclasses.fields(message)}
+    return message
+
+
+def test_index_matches_the_folder() -> None:
+    files = {e["file"] for e in INDEX}
+    assert len(files) == len(INDEX)
+    assert files == {p.name for p in FOLDER.glob("*.bin")}
+    for entry in INDEX:
+        assert entry["file"] == f"{entry['name']}.bin"
+
+
+def test_vectors_cover_the_protocol() -> None:
+    assert {e["opcode"] for e in INDEX} == set(Opcode)
+    messages = [message_of(e) for e in INDEX]
+    hellos = [m for m in messages if isinstance(m, Hello)]
+    errors = [m for m in messages if isinstance(m, Error)]
+    parts = [m for m in messages if isinstance(m, Allocated)]
+    assert any(not m.name for m in hellos)
+    assert any(m.errno and not m.text.isascii() for m in errors)
+    assert any(m.index and len(m.buffers) > 1 for m in parts)
+    plane_counts = {len(b.planes) for m in parts for b in m.buffers}
+    assert {1, 2, 3} <= plane_counts
+
+
+@each_vector
+def test_decode(entry: dict[str, Any]) -> None:
+    data = (FOLDER / entry["file"]).read_bytes()
+    assert len(data) == entry["length"]
+    serial, message = protocol.decode(data, entry["nfds"], entry["direction"])
+    assert serial == entry["serial"]
+    assert message == message_of(entry)
+    assert (message.OPCODE, message.OPCODE.name) == (entry["opcode"], entry["message"])
+    assert message.nfds == entry["nfds"]
+
+
+@each_vector
+def test_encode(entry: dict[str, Any]) -> None:
+    data = (FOLDER / entry["file"]).read_bytes()
+    assert protocol.encode(message_of(entry), entry["serial"]) == data
+
+
+@pytest.mark.parametrize("parser", [schema.MESSAGE, COMPILED], ids=["plain", "compiled"])
+@each_vector
+def test_schema_parses_and_rebuilds(entry: dict[str, Any], parser: Any) -> None:
+    data = (FOLDER / entry["file"]).read_bytes()
+    parsed = parser.parse(data)
+    header = parsed.header
+    assert (header.opcode, header.nfds, header.size, header.serial) == (
+        entry["opcode"],
+        entry["nfds"],
+        len(data) - protocol.HEADER_SIZE,
+        entry["serial"],
+    )
+    assert parser.build(parsed) == data
+
+
+@each_vector
+def test_documented(entry: dict[str, Any]) -> None:
+    assert f"`{entry['file']}`" in (ROOT / "protocol" / "PROTOCOL.md").read_text("utf-8")
+
+
+def test_make_vectors_check() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "protocol" / "make_vectors.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

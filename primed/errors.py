@@ -40,6 +40,9 @@ class ErrorCode(enum.IntEnum):
     PERMISSION_DENIED = 11
     #: The server failed in a way that is its own fault.
     INTERNAL = 12
+    #: The token is wrong, revoked, used up, dead with its buffer, or not for this client:
+    #: one answer for all, so that nothing is learnt about other clients' tokens.
+    UNKNOWN_TOKEN = 13
 
 
 class PrimedError(Exception):

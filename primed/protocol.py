@@ -16,7 +16,20 @@ from typing import ClassVar, Literal, Self
 
 from primed import schema
 from primed.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from primed.schema import MAX_FDS, MAX_MESSAGE, MAX_NAME, MAX_RELEASE, MAX_TEXT, Backend, Opcode
+from primed.schema import (
+    MAX_FDS,
+    MAX_MESSAGE,
+    MAX_NAME,
+    MAX_RELEASE,
+    MAX_TEXT,
+    MAX_UIDS,
+    TOKEN_SIZE,
+    Backend,
+    Opcode,
+)
+
+#: SHARE flag: the token works for one OPEN_SHARED only.
+SHARE_ONCE = 1
 
 _HEADER = schema.fixed(schema.HEADER)
 HEADER_SIZE = _HEADER.size
@@ -341,8 +354,238 @@ class Released(Reply):
         return cls(parts.values[0])
 
 
-REQUESTS: dict[int, type[Request]] = {c.OPCODE: c for c in (Hello, Allocate, Release)}
-REPLIES: dict[int, type[Reply]] = {c.OPCODE: c for c in (Error, Welcome, Allocated, Released)}
+@dataclasses.dataclass(frozen=True, slots=True)
+class Share(Request):
+    """Make a token for buffer ``id``; ``uids`` (if any) limits who may open it."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.SHARE
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.SHARE_HEAD)
+    id: int
+    once: bool = False
+    uids: tuple[int, ...] = ()
+
+    def _body(self) -> bytes:
+        if len(self.uids) > MAX_UIDS:
+            raise LocalProtocolError(f"SHARE with {len(self.uids)} uids, over {MAX_UIDS}")
+        head = self._HEAD.packer.pack(self.id, SHARE_ONCE if self.once else 0, len(self.uids))
+        return head + struct.pack(f"<{len(self.uids)}I", *self.uids)
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, "SHARE")
+        ident, flags, nuids = parts.values
+        if flags & ~SHARE_ONCE:
+            raise RemoteProtocolError(f"SHARE: unknown flags {flags:#x}", serial=serial)
+        if nuids > MAX_UIDS:
+            raise RemoteProtocolError(f"SHARE with {nuids} uids, over {MAX_UIDS}", serial=serial)
+        raw = parts.take(4 * nuids)
+        parts.finish("SHARE")
+        return cls(ident, bool(flags & SHARE_ONCE), struct.unpack(f"<{nuids}I", raw))
+
+
+class _TokenMessage(Message):
+    __slots__ = ()
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.TOKEN_HEAD)
+    token: bytes
+
+    def _body(self) -> bytes:
+        if len(self.token) != TOKEN_SIZE:
+            raise LocalProtocolError(f"a token has {TOKEN_SIZE} bytes, not {len(self.token)}")
+        return self.token
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, cls.OPCODE.name)
+        parts.finish(cls.OPCODE.name)
+        return cls(parts.values[0])  # type: ignore[call-arg]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenShared(_TokenMessage, Request):
+    """Receive the buffer ``token`` names: an Allocated of one buffer, with id 0."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.OPEN_SHARED
+    token: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Revoke(_TokenMessage, Request):
+    """Make ``token`` (one of this client's) stop working."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.REVOKE
+    token: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Shared(_TokenMessage, Reply):
+    """The answer to Share."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.SHARED
+    token: bytes
+
+
+class _EmptyMessage(Message):
+    __slots__ = ()
+
+    def _body(self) -> bytes:
+        return b""
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        if body:
+            raise RemoteProtocolError(f"{cls.OPCODE.name}: body must be empty", serial=serial)
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Query(_EmptyMessage, Request):
+    """Ask what the server offers."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.QUERY
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Revoked(_EmptyMessage, Reply):
+    """The answer to Revoke."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.REVOKED
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FormatInfo:
+    """A format as QUERIED describes it: bytes per pixel of each plane, chroma subsampling."""
+
+    fourcc: int
+    cpp: tuple[int, ...]
+    hsub: int = 1
+    vsub: int = 1
+
+    _RECORD: ClassVar[schema.Fixed] = schema.fixed(schema.FORMAT)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Queried(Reply):
+    """The answer to Query: backend, device, formats, modifiers, limits, quota and use."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.QUERIED
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.QUERIED_HEAD)
+    backend: Backend
+    driver: str
+    driver_version: tuple[int, int, int]
+    node: str
+    max_width: int
+    max_height: int
+    max_count: int
+    max_size: int
+    formats: tuple[FormatInfo, ...]
+    modifiers: tuple[int, ...]
+    quota_buffers: int  #: 0: no quota
+    quota_bytes: int  #: 0: no quota
+    used_buffers: int
+    used_bytes: int
+
+    def _body(self) -> bytes:
+        driver = _raw(self.driver, "driver name", MAX_NAME)
+        node = _raw(self.node, "node path", MAX_NAME)
+        head = self._HEAD.packer.pack(
+            self.backend,
+            len(self.formats),
+            len(self.modifiers),
+            0,
+            *self.driver_version,
+            self.max_width,
+            self.max_height,
+            self.max_count,
+            self.max_size,
+            self.quota_buffers,
+            self.quota_bytes,
+            self.used_buffers,
+            self.used_bytes,
+            len(driver),
+            len(node),
+        )
+        record = FormatInfo._RECORD.packer
+        formats = []
+        for f in self.formats:
+            if not 1 <= len(f.cpp) <= 4:
+                raise LocalProtocolError(f"a format has 1 to 4 planes, not {len(f.cpp)}")
+            cpp = (*f.cpp, 0, 0, 0)[:4]
+            formats.append(record.pack(f.fourcc, len(f.cpp), f.hsub, f.vsub, 0, *cpp))
+        modifiers = struct.pack(f"<{len(self.modifiers)}Q", *self.modifiers)
+        return head + b"".join(formats) + modifiers + driver + node
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, "QUERIED")
+        (backend, nformats, nmodifiers, _, major, minor, patch, width, height, count, size,
+         quota_buffers, quota_bytes, used_buffers, used_bytes, dlen, nlen,
+         ) = parts.values  # fmt: skip
+        try:
+            known = Backend(backend)
+        except ValueError:
+            raise RemoteProtocolError(
+                f"QUERIED: unknown backend {backend}", serial=serial
+            ) from None
+        if dlen > MAX_NAME or nlen > MAX_NAME:
+            raise RemoteProtocolError("QUERIED: driver or node name too long", serial=serial)
+        record = FormatInfo._RECORD
+        formats = []
+        for values in record.packer.iter_unpack(parts.take(record.size * nformats)):
+            fourcc, nplanes, hsub, vsub, _, *cpp = values
+            if not 1 <= nplanes <= 4 or any(cpp[nplanes:]) or values[4]:
+                raise RemoteProtocolError(f"QUERIED: bad format record {values}", serial=serial)
+            formats.append(FormatInfo(fourcc, tuple(cpp[:nplanes]), hsub, vsub))
+        raw_modifiers = parts.take(8 * nmodifiers)
+        if len(raw_modifiers) != 8 * nmodifiers:
+            raise RemoteProtocolError("QUERIED: modifiers cut short", serial=serial)
+        modifiers = struct.unpack(f"<{nmodifiers}Q", raw_modifiers)
+        driver = _text(parts.take(dlen), "QUERIED driver", serial)
+        node = _text(parts.take(nlen), "QUERIED node", serial)
+        parts.finish("QUERIED")
+        return cls(
+            known, driver, (major, minor, patch), node, width, height, count, size,
+            tuple(formats), modifiers, quota_buffers, quota_bytes, used_buffers, used_bytes,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Passed(Message):
+    """One buffer sent from peer to peer (primed.send_buffer), its fd attached."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.BUFFER
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.PASSED_HEAD)
+    backend: Backend
+    buffer: BufferInfo
+
+    @property
+    def nfds(self) -> int:
+        return 1
+
+    def _body(self) -> bytes:
+        return self._HEAD.packer.pack(self.backend, 0) + self.buffer._pack()
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, "BUFFER")
+        try:
+            backend = Backend(parts.values[0])
+        except ValueError:
+            raise RemoteProtocolError(
+                f"BUFFER: unknown backend {parts.values[0]}", serial=serial
+            ) from None
+        record = BufferInfo._RECORD
+        raw = parts.take(record.size)
+        parts.finish("BUFFER")
+        return cls(backend, BufferInfo._unpack(record.packer.unpack(raw), serial))
+
+
+REQUESTS: dict[int, type[Request]] = {
+    c.OPCODE: c for c in (Hello, Allocate, Release, Share, OpenShared, Revoke, Query)
+}
+REPLIES: dict[int, type[Reply]] = {
+    c.OPCODE: c for c in (Error, Welcome, Allocated, Released, Shared, Revoked, Queried)
+}
+PEER: dict[int, type[Message]] = {Passed.OPCODE: Passed}
 
 
 class UnknownOpcode(RemoteProtocolError):
@@ -371,7 +614,9 @@ def encode(message: Message, serial: int) -> bytes:
     return header + body
 
 
-def decode(data: bytes, nfds: int, kind: Literal["request", "reply"]) -> tuple[int, Message]:
+def decode(
+    data: bytes, nfds: int, kind: Literal["request", "reply", "peer"]
+) -> tuple[int, Message]:
     """Parse one received datagram that came with ``nfds`` fds.
 
     Returns ``(serial, message)``. Raises :class:`UnknownOpcode` for a sound
@@ -388,8 +633,8 @@ def decode(data: bytes, nfds: int, kind: Literal["request", "reply"]) -> tuple[i
         )
     if header_fds != nfds:
         raise RemoteProtocolError(f"header says {header_fds} fds, {nfds} arrived", serial=serial)
-    table: dict[int, type[Request]] | dict[int, type[Reply]] = (
-        REQUESTS if kind == "request" else REPLIES
+    table: dict[int, type[Request]] | dict[int, type[Reply]] | dict[int, type[Message]] = (
+        REQUESTS if kind == "request" else REPLIES if kind == "reply" else PEER
     )
     cls = table.get(opcode)
     if cls is None:

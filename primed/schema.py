@@ -23,6 +23,7 @@ from construct import (
     Array,
     Bytes,
     Const,
+    Int8ul,
     Int16ul,
     Int32sl,
     Int32ul,
@@ -46,6 +47,10 @@ MAX_NAME = 255
 MAX_TEXT = 1024
 #: Most buffer ids one Release may carry.
 MAX_RELEASE = 4096
+#: Most uids a SHARE may name.
+MAX_UIDS = 64
+#: Bytes in a share token: 128 random bits.
+TOKEN_SIZE = 16
 
 
 class Opcode(enum.IntEnum):
@@ -57,6 +62,16 @@ class Opcode(enum.IntEnum):
     ALLOCATE = 0x0002
     #: Client -> server: give up the daemon's reference to some buffers.
     RELEASE = 0x0003
+    #: Client -> server: make a token that lets other clients open one of our buffers.
+    SHARE = 0x0004
+    #: Client -> server: receive the buffer a token names (an ALLOCATED of one, id 0).
+    OPEN_SHARED = 0x0005
+    #: Client -> server: make one of our tokens stop working.
+    REVOKE = 0x0006
+    #: Client -> server: what the server offers (formats, modifiers, limits, our quota use).
+    QUERY = 0x0007
+    #: Peer -> peer, never to or from the daemon: one buffer passed directly. Carries one fd.
+    BUFFER = 0x0100
     #: Server -> client: a request failed. Carries no fds.
     ERROR = 0x8000
     #: Server -> client: answer to HELLO: chosen version, backend, device, limits.
@@ -65,6 +80,12 @@ class Opcode(enum.IntEnum):
     ALLOCATED = 0x8002
     #: Server -> client: answer to RELEASE.
     RELEASED = 0x8003
+    #: Server -> client: answer to SHARE: the token.
+    SHARED = 0x8004
+    #: Server -> client: answer to REVOKE.
+    REVOKED = 0x8005
+    #: Server -> client: answer to QUERY.
+    QUERIED = 0x8006
 
 
 class Backend(enum.IntEnum):
@@ -149,6 +170,49 @@ RELEASED_HEAD = Struct(
     "count" / Int32ul,
     "reserved" / Const(0, Int32ul),
 )
+SHARE_HEAD = Struct(
+    "id" / Int64ul,
+    "flags" / Int32ul,  # bit 0: the token works once
+    "nuids" / Int32ul,  # 0: any client may open it; else only these uids
+)
+TOKEN_HEAD = Struct("token" / Bytes(TOKEN_SIZE))  # OPEN_SHARED, REVOKE, SHARED
+EMPTY_HEAD = Struct()  # QUERY, REVOKED
+QUERIED_HEAD = Struct(
+    "backend" / Int16ul,
+    "nformats" / Int16ul,
+    "nmodifiers" / Int16ul,
+    "reserved" / Const(0, Int16ul),
+    "driver_major" / Int32ul,
+    "driver_minor" / Int32ul,
+    "driver_patch" / Int32ul,
+    "max_width" / Int32ul,
+    "max_height" / Int32ul,
+    "max_count" / Int32ul,
+    "max_size" / Int64ul,
+    "quota_buffers" / Int64ul,  # the tightest of the client's and its uid's quotas; 0: none
+    "quota_bytes" / Int64ul,
+    "used_buffers" / Int64ul,  # what this client holds now
+    "used_bytes" / Int64ul,
+    "driver_len" / Int16ul,
+    "node_len" / Int16ul,
+)
+# One format of a QUERIED reply: its plane layout rule (see primed/formats.py).
+FORMAT = Struct(
+    "fourcc" / Int32ul,
+    "nplanes" / Int8ul,
+    "hsub" / Int8ul,
+    "vsub" / Int8ul,
+    "reserved" / Const(0, Int8ul),
+    "cpp0" / Int8ul,
+    "cpp1" / Int8ul,
+    "cpp2" / Int8ul,
+    "cpp3" / Int8ul,
+)
+# A buffer passed from peer to peer (BUFFER): where its fd came from, and its layout.
+PASSED_HEAD = Struct(
+    "backend" / Int16ul,
+    "reserved" / Const(0, Int16ul),
+)
 
 #: Each opcode's whole body.
 BODIES: dict[Opcode, Any] = {
@@ -166,6 +230,21 @@ BODIES: dict[Opcode, Any] = {
         *ALLOCATED_HEAD.subcons, "buffers" / Array(this.count, BUFFER), Terminated
     ),
     Opcode.RELEASED: Struct(*RELEASED_HEAD.subcons, Terminated),
+    Opcode.SHARE: Struct(*SHARE_HEAD.subcons, "uids" / Array(this.nuids, Int32ul), Terminated),
+    Opcode.OPEN_SHARED: Struct(*TOKEN_HEAD.subcons, Terminated),
+    Opcode.REVOKE: Struct(*TOKEN_HEAD.subcons, Terminated),
+    Opcode.QUERY: Struct(Terminated),
+    Opcode.SHARED: Struct(*TOKEN_HEAD.subcons, Terminated),
+    Opcode.REVOKED: Struct(Terminated),
+    Opcode.QUERIED: Struct(
+        *QUERIED_HEAD.subcons,
+        "formats" / Array(this.nformats, FORMAT),
+        "modifiers" / Array(this.nmodifiers, Int64ul),
+        "driver" / Bytes(this.driver_len),
+        "node" / Bytes(this.node_len),
+        Terminated,
+    ),
+    Opcode.BUFFER: Struct(*PASSED_HEAD.subcons, "buffer" / BUFFER, Terminated),
 }
 
 #: A whole datagram. Unknown opcodes fail to parse.
@@ -189,10 +268,11 @@ class Fixed:
 
 
 def fixed(declaration: Any) -> Fixed:
-    """Derive the ``struct`` format of a construct Struct of integer fields.
+    """Derive the ``struct`` format of a construct Struct of fixed-size fields.
 
-    Only named FormatFields (optionally wrapped in Const) are allowed: anything
-    else raises TypeError, so the schema can't drift from the fast path unseen.
+    Only named little-endian FormatFields (optionally wrapped in Const) and
+    Bytes of a constant length are allowed: anything else raises TypeError, so
+    the schema can't drift from the fast path unseen.
     """
     codes = ["<"]
     names = []
@@ -202,6 +282,8 @@ def fixed(declaration: Any) -> Fixed:
         if isinstance(inner, Const):
             const, inner = inner.value, inner.subcon
         fmtstr = getattr(inner, "fmtstr", None)
+        if isinstance(inner, Bytes) and isinstance(inner.length, int):
+            fmtstr = f"<{inner.length}s"
         if not name or not fmtstr or fmtstr[0] != "<":
             raise TypeError(f"{name!r} is not a named little-endian integer field")
         codes.append(fmtstr[1:])

@@ -153,10 +153,17 @@ async def connect_async(
         except OSError as e:  # connect() names no path: say which socket was tried
             raise OSError(e.errno, e.strerror, where) from None
         client = AsyncClient(sock, _default_name() if name is None else name)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._read)
-            try:
-                client.info = cast(ServerInfo, await client._call(*client._conn.hello()))
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._read)
+                try:
+                    client.info = cast(ServerInfo, await client._call(*client._conn.hello()))
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The reader task never raises, so a lone exception is the caller's own
+            # (or the handshake's): give it back as it was, not wrapped in a group.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise

@@ -42,7 +42,7 @@ def test_no_file_means_the_defaults() -> None:
 
 
 def test_every_key(tmp_path: Path) -> None:
-    video = grp.getgrgid(os.getgid()).gr_name
+    group = grp.getgrgid(os.getgid()).gr_name
     text = f"""
         device = "/dev/dri/card1"
         backend = "memfd"
@@ -51,7 +51,7 @@ def test_every_key(tmp_path: Path) -> None:
         log_level = "debug"
         [access]
         allowed_uids = ["root", 1000]
-        allowed_gids = ["{video}", 44]
+        allowed_gids = ["{group}", 44]
         admin_group = {os.getgid()}
         [limits]
         max_width = 4096

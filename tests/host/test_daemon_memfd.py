@@ -894,3 +894,10 @@ def test_a_file_that_is_not_a_socket_is_left_alone(sock_dir: Path) -> None:
     assert done.returncode == 1
     assert "not a socket" in done.stderr
     assert path.read_text() == "precious"
+
+
+async def test_trio_client_lets_the_callers_exception_through(shared: Daemon) -> None:
+    with pytest.raises(KeyError, match="mine"):
+        async with primed.connect_async(shared.socket) as client:
+            await client.allocate(16, 16)
+            raise KeyError("mine")

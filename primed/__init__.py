@@ -18,8 +18,9 @@ The public API::
 from __future__ import annotations
 
 from primed.buffer import Buffer, Mapping, Plane
-from primed.connection import DEFAULT_SOCKET, ServerInfo
-from primed.device import Device, Import
+from primed.connection import DEFAULT_SOCKET, Offer, ServerInfo
+from primed.device import Device, Framebuffer, Import
+from primed.direct import recv_buffer, recv_buffer_async, send_buffer, send_buffer_async
 from primed.errors import (
     ConnectionLost,
     ErrorCode,
@@ -33,7 +34,7 @@ from primed.errors import (
     ServerError,
 )
 from primed.formats import FORMATS, Format, Limits
-from primed.io.blocking import Client, connect
+from primed.io.blocking import Client, Pending, connect
 from primed.io.trio import AsyncClient, connect_async
 from primed.schema import Backend
 
@@ -50,6 +51,7 @@ __all__ = [
     "Device",
     "ErrorCode",
     "Format",
+    "Framebuffer",
     "Import",
     "KernelError",
     "Limits",
@@ -57,6 +59,8 @@ __all__ = [
     "Mapping",
     "NoDevice",
     "NotImportable",
+    "Offer",
+    "Pending",
     "Plane",
     "PrimedError",
     "ProtocolError",
@@ -65,4 +69,8 @@ __all__ = [
     "ServerInfo",
     "connect",
     "connect_async",
+    "recv_buffer",
+    "recv_buffer_async",
+    "send_buffer",
+    "send_buffer_async",
 ]

@@ -17,9 +17,19 @@ from primed import formats, protocol
 from primed.buffer import Buffer, Plane
 from primed.errors import ErrorCode, PrimedError, RemoteProtocolError, ServerError, server_error
 from primed.fdpass import close_fds
-from primed.formats import Limits
-from primed.protocol import Allocated, Error, Released, Welcome
-from primed.schema import VERSION, Backend
+from primed.formats import Limits, fourcc_str
+from primed.protocol import (
+    Allocated,
+    BufferInfo,
+    Error,
+    FormatInfo,
+    Queried,
+    Released,
+    Revoked,
+    Shared,
+    Welcome,
+)
+from primed.schema import TOKEN_SIZE, VERSION, Backend
 
 #: Where clients look for the daemon when no path is given and $PRIMED_SOCKET is unset.
 DEFAULT_SOCKET = "/run/primed/primed.sock"
@@ -52,7 +62,68 @@ class ServerInfo:
         }
 
 
-Result = ServerInfo | list[Buffer] | int | ServerError
+@dataclasses.dataclass(frozen=True, slots=True)
+class Offer:
+    """What the daemon offers, and what this client holds (the answer to a query)."""
+
+    backend: Backend
+    driver: str
+    driver_version: tuple[int, int, int]
+    node: str
+    limits: Limits
+    formats: tuple[FormatInfo, ...]
+    modifiers: tuple[int, ...]
+    quota_buffers: int  #: the tightest quota on this client's buffers; 0: none
+    quota_bytes: int  #: likewise on its bytes
+    used_buffers: int  #: what this client holds now
+    used_bytes: int
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": self.backend.name.lower(),
+            "driver": self.driver,
+            "driver_version": ".".join(map(str, self.driver_version)),
+            "node": self.node,
+            "limits": dataclasses.asdict(self.limits),
+            "formats": [
+                {"format": fourcc_str(f.fourcc), "cpp": list(f.cpp), "hsub": f.hsub, "vsub": f.vsub}
+                for f in self.formats
+            ],
+            "modifiers": list(self.modifiers),
+            "quota": {"buffers": self.quota_buffers, "bytes": self.quota_bytes},
+            "used": {"buffers": self.used_buffers, "bytes": self.used_bytes},
+        }
+
+
+def token_bytes(token: str | bytes) -> bytes:
+    """A share token as the wire carries it, from its text form (hex) or its bytes.
+
+    Raises ValueError for anything that is not a token's length.
+    """
+    raw = bytes.fromhex(token) if isinstance(token, str) else bytes(token)
+    if len(raw) != TOKEN_SIZE:
+        raise ValueError(f"a share token is {2 * TOKEN_SIZE} hex digits")
+    return raw
+
+
+def buffer_from(info: BufferInfo, fd: int, backend: Backend) -> Buffer:
+    """A Buffer owning ``fd``, described by ``info``."""
+    return Buffer(
+        fd,
+        id=info.id,
+        width=info.width,
+        height=info.height,
+        fourcc=info.fourcc,
+        modifier=info.modifier,
+        size=info.size,
+        planes=tuple(Plane(o, p) for o, p in info.planes),
+        backend=backend,
+    )
+
+
+#: What a completed request gives: Hello a ServerInfo, Allocate and OpenShared a
+#: list of Buffers, Release a count, Share a token (hex), Revoke None, Query an Offer.
+Result = ServerInfo | list[Buffer] | int | str | Offer | ServerError | None
 
 
 class ClientConnection:
@@ -89,6 +160,22 @@ class ClientConnection:
         serial = self._next()
         return serial, protocol.encode(protocol.Release(tuple(ids)), serial)
 
+    def share(self, ident: int, once: bool, uids: Iterable[int]) -> tuple[int, bytes]:
+        serial = self._next()
+        return serial, protocol.encode(protocol.Share(ident, once, tuple(uids)), serial)
+
+    def open_shared(self, token: str | bytes) -> tuple[int, bytes]:
+        serial = self._next()
+        return serial, protocol.encode(protocol.OpenShared(token_bytes(token)), serial)
+
+    def revoke(self, token: str | bytes) -> tuple[int, bytes]:
+        serial = self._next()
+        return serial, protocol.encode(protocol.Revoke(token_bytes(token)), serial)
+
+    def query(self) -> tuple[int, bytes]:
+        serial = self._next()
+        return serial, protocol.encode(protocol.Query(), serial)
+
     def receive(self, data: bytes, fds: list[int]) -> tuple[int, Result] | None:
         """Digest one datagram; returns ``(serial, result)`` once a reply is complete.
 
@@ -122,6 +209,25 @@ class ClientConnection:
             return serial, self.info
         if isinstance(reply, Released):
             return serial, reply.count
+        if isinstance(reply, Shared):
+            return serial, reply.token.hex()
+        if isinstance(reply, Revoked):
+            return serial, None
+        if isinstance(reply, Queried):
+            limits = Limits(reply.max_width, reply.max_height, reply.max_size, reply.max_count)
+            return serial, Offer(
+                reply.backend,
+                reply.driver,
+                reply.driver_version,
+                reply.node,
+                limits,
+                reply.formats,
+                reply.modifiers,
+                reply.quota_buffers,
+                reply.quota_bytes,
+                reply.used_buffers,
+                reply.used_bytes,
+            )
         raise RemoteProtocolError(f"unexpected {type(reply).__name__}", serial=serial)
 
     def _allocated(
@@ -129,18 +235,7 @@ class ClientConnection:
     ) -> tuple[int, Result] | None:
         backend = self.info.backend if self.info else Backend.DRM
         buffers = [
-            Buffer(
-                fd,
-                id=info.id,
-                width=info.width,
-                height=info.height,
-                fourcc=info.fourcc,
-                modifier=info.modifier,
-                size=info.size,
-                planes=tuple(Plane(o, p) for o, p in info.planes),
-                backend=backend,
-            )
-            for info, fd in zip(reply.buffers, fds, strict=True)
+            buffer_from(info, fd, backend) for info, fd in zip(reply.buffers, fds, strict=True)
         ]
         held = self._parts.setdefault(serial, [])
         if reply.index != len(held):

@@ -22,6 +22,9 @@ from primed.schema import MAX_FDS, MAX_MESSAGE
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 #: Receive flags: fds arrive close-on-exec, so no child inherits them by accident.
 RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+# Plain ints: combining socket.MsgFlag members costs microseconds on every receive.
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 # SO_PASSRIGHTS (Linux 6.16): 0 makes the kernel refuse fds sent to this socket.
 SO_PASSRIGHTS = 83
 
@@ -41,14 +44,16 @@ def close_fds(fds: Iterable[int]) -> None:
 
 def take_fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
     """The fds a recvmsg() returned; raises :class:`Truncated` (closing them) if cut short."""
+    if not ancdata and not msg_flags & _TRUNCATED:
+        return []
     fds = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % fds.itemsize
             fds.frombytes(data[:usable])
-    if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+    if msg_flags & _TRUNCATED:
         close_fds(fds)
-        what = "its fds were cut off (MSG_CTRUNC)" if msg_flags & socket.MSG_CTRUNC else "too long"
+        what = "its fds were cut off (MSG_CTRUNC)" if msg_flags & _CTRUNC else "too long"
         raise Truncated(f"message truncated: {what}")
     return fds.tolist()
 

@@ -529,8 +529,11 @@ class Queried(Reply):
         if dlen > MAX_NAME or nlen > MAX_NAME:
             raise RemoteProtocolError("QUERIED: driver or node name too long", serial=serial)
         record = FormatInfo._RECORD
+        raw_formats = parts.take(record.size * nformats)
+        if len(raw_formats) != record.size * nformats:
+            raise RemoteProtocolError("QUERIED: formats cut short", serial=serial)
         formats = []
-        for values in record.packer.iter_unpack(parts.take(record.size * nformats)):
+        for values in record.packer.iter_unpack(raw_formats):
             fourcc, nplanes, hsub, vsub, _, *cpp = values
             if not 1 <= nplanes <= 4 or any(cpp[nplanes:]) or values[4]:
                 raise RemoteProtocolError(f"QUERIED: bad format record {values}", serial=serial)

@@ -278,7 +278,7 @@ def fixed(declaration: Any) -> Fixed:
     names = []
     consts = []
     for position, sub in enumerate(declaration.subcons):
-        name, inner, const = sub.name, sub.subcon, None
+        name, inner, const = sub.name, getattr(sub, "subcon", sub), None  # unnamed: no subcon
         if isinstance(inner, Const):
             const, inner = inner.value, inner.subcon
         fmtstr = getattr(inner, "fmtstr", None)

@@ -20,6 +20,7 @@ import errno
 import itertools
 import logging
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -34,26 +35,41 @@ from primed import fdpass, formats, protocol, systemd
 from primed.backends import Allocation, BufferSource
 from primed.errors import ErrorCode, KernelError, PrimedError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
+from primed.io.lean import LeanSocket
 from primed.policy import Account, Ledger, Peer, Policy, QuotaExceeded
 from primed.protocol import (
     Allocate,
     Allocated,
     BufferInfo,
     Error,
+    FormatInfo,
     Hello,
+    OpenShared,
+    Queried,
+    Query,
     Release,
     Released,
     Reply,
     Request,
+    Revoke,
+    Revoked,
+    Share,
+    Shared,
     Welcome,
 )
-from primed.schema import MAX_FDS, MAX_MESSAGE, VERSION
+from primed.schema import MAX_FDS, MAX_MESSAGE, TOKEN_SIZE, VERSION
 
 log = logging.getLogger("primed")
 
 _BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEERCRED = struct.Struct("3i")
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+#: Most live share tokens one client may hold.
+MAX_TOKENS = 1024
+#: The one answer to every token that can't be opened or revoked, whatever the reason.
+_NO_TOKEN = "no such token"
+#: What QUERY reports of the format table: it never changes while the daemon runs.
+_FORMATS = tuple(FormatInfo(f.fourcc, f.cpp, f.hsub, f.vsub) for f in formats.FORMATS.values())
 
 
 @dataclasses.dataclass(eq=False)
@@ -70,10 +86,20 @@ class Session:
     version: int = 0  # 0 until Hello was answered
     buffers: dict[int, Allocation] = dataclasses.field(default_factory=dict)
     next_id: int = 1
+    shares: dict[int, set[bytes]] = dataclasses.field(default_factory=dict)  # id -> tokens
+    tokens: int = 0  # live tokens in ``shares``
 
     def __str__(self) -> str:
         name = f" {self.name!r}" if self.name else ""
         return f"client {self.number}{name} (pid {self.pid}, uid {self.uid})"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class _Token:
+    owner: Session
+    id: int
+    once: bool
+    uids: frozenset[int]  # empty: anyone
 
 
 class _Drop(Exception):
@@ -98,6 +124,7 @@ class Daemon:
         self.ledger = Ledger()
         self._reload = reload
         self.sessions: set[Session] = set()
+        self.tokens: dict[bytes, _Token] = {}
         self._numbers = itertools.count(1)
         self.stats = {"requests": 0, "errors": 0, "bad_messages": 0, "refused": 0}
 
@@ -148,7 +175,7 @@ class Daemon:
                         await trio.sleep(0.1)
                         continue
                     raise
-                nursery.start_soon(self._serve_client, sock)
+                nursery.start_soon(self._serve_client, LeanSocket(sock))
 
     async def _serve_client(self, sock: trio.socket.SocketType) -> None:
         with sock:
@@ -256,6 +283,14 @@ class Daemon:
             await self._allocate(sock, session, serial, request)
         elif isinstance(request, Release):
             await self._release(sock, session, serial, request)
+        elif isinstance(request, Share):
+            await self._share(sock, session, serial, request)
+        elif isinstance(request, OpenShared):
+            await self._open_shared(sock, session, serial, request)
+        elif isinstance(request, Revoke):
+            await self._revoke(sock, session, serial, request)
+        elif isinstance(request, Query):
+            await self._query(sock, session, serial)
         else:  # a request type decode() knows but this server does not handle
             await self._fail(sock, session, serial, ErrorCode.UNKNOWN_OPCODE, repr(request))
 
@@ -399,6 +434,103 @@ class Daemon:
             self._drop(session, ident)
         await self._send(sock, Released(len(request.ids)), serial)
 
+    async def _share(
+        self, sock: trio.socket.SocketType, session: Session, serial: int, request: Share
+    ) -> None:
+        if request.id not in session.buffers:
+            await self._fail(
+                sock, session, serial, ErrorCode.UNKNOWN_BUFFER, f"unknown buffer id {request.id}"
+            )
+            return
+        if session.tokens >= MAX_TOKENS:
+            await self._fail(
+                sock, session, serial, ErrorCode.LIMIT_EXCEEDED, f"{MAX_TOKENS} tokens per client"
+            )
+            return
+        token = secrets.token_bytes(TOKEN_SIZE)
+        self.tokens[token] = _Token(session, request.id, request.once, frozenset(request.uids))
+        session.shares.setdefault(request.id, set()).add(token)
+        session.tokens += 1
+        await self._send(sock, Shared(token), serial)
+
+    async def _open_shared(
+        self, sock: trio.socket.SocketType, session: Session, serial: int, request: OpenShared
+    ) -> None:
+        entry = self.tokens.get(request.token)
+        if entry is None or (entry.uids and session.uid not in entry.uids):
+            await self._fail(sock, session, serial, ErrorCode.UNKNOWN_TOKEN, _NO_TOKEN)
+            return
+        allocation = entry.owner.buffers[entry.id]
+        try:
+            fd = self.backend.export(allocation)
+        except KernelError as e:
+            await self._fail(
+                sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
+            )
+            return
+        try:
+            if entry.once:
+                self._forget(request.token)
+            # Id 0: the buffer stays its owner's; the opener holds only the fd.
+            info = BufferInfo(
+                0,
+                allocation.width,
+                allocation.height,
+                allocation.fourcc,
+                allocation.modifier,
+                allocation.size,
+                allocation.planes,
+            )
+            await self._send(sock, Allocated(1, 0, (info,)), serial, [fd])
+        finally:
+            os.close(fd)
+        log.debug("%s opened a buffer of %s", session, entry.owner)
+
+    async def _revoke(
+        self, sock: trio.socket.SocketType, session: Session, serial: int, request: Revoke
+    ) -> None:
+        entry = self.tokens.get(request.token)
+        if entry is None or entry.owner is not session:
+            await self._fail(sock, session, serial, ErrorCode.UNKNOWN_TOKEN, _NO_TOKEN)
+            return
+        self._forget(request.token)
+        await self._send(sock, Revoked(), serial)
+
+    def _forget(self, token: bytes) -> None:
+        entry = self.tokens.pop(token)
+        tokens = entry.owner.shares[entry.id]
+        tokens.discard(token)
+        if not tokens:
+            del entry.owner.shares[entry.id]
+        entry.owner.tokens -= 1
+
+    async def _query(self, sock: trio.socket.SocketType, session: Session, serial: int) -> None:
+        driver, limits = self.backend.driver, self.limits
+        quotas = self.policy.quotas
+        if self.policy.is_admin(session.account.peer):
+            quota_buffers = quota_bytes = 0
+        else:
+            quota_buffers = _tightest(quotas.buffers_per_client, quotas.buffers_per_uid)
+            quota_bytes = _tightest(quotas.bytes_per_client, quotas.bytes_per_uid)
+        used = session.account.own
+        reply = Queried(
+            self.backend.kind,
+            driver.name,
+            (driver.major, driver.minor, driver.patch),
+            self.backend.node,
+            limits.max_width,
+            limits.max_height,
+            limits.max_count,
+            limits.max_size,
+            _FORMATS,
+            (formats.MOD_LINEAR,),
+            quota_buffers,
+            quota_bytes,
+            used.buffers,
+            used.bytes,
+        )
+        await self._send(sock, reply, serial)
+
     def _free(self, session: Session, allocation: Allocation) -> None:
         try:
             self.backend.free(allocation)
@@ -406,6 +538,8 @@ class Daemon:
             log.error("%s: freeing a buffer failed: %s", session, e)
 
     def _drop(self, session: Session, ident: int) -> None:
+        for token in list(session.shares.get(ident, ())):  # tokens die with their buffer
+            self._forget(token)
         allocation = session.buffers.pop(ident)
         self.ledger.refund(session.account, 1, allocation.size)
         self._free(session, allocation)
@@ -415,6 +549,11 @@ class Daemon:
         for ident in list(session.buffers):
             self._drop(session, ident)
         return count
+
+
+def _tightest(*quotas: int) -> int:
+    """The smallest quota that is set (0 where none is)."""
+    return min((q for q in quotas if q), default=0)
 
 
 async def _hang_up(sock: trio.socket.SocketType) -> None:

@@ -23,11 +23,21 @@ from primed.protocol import (
     Allocated,
     BufferInfo,
     Error,
+    FormatInfo,
     Hello,
     Message,
+    OpenShared,
+    Passed,
+    Queried,
+    Query,
     Release,
     Released,
+    Reply,
     Request,
+    Revoke,
+    Revoked,
+    Share,
+    Shared,
     Welcome,
     encode,
 )
@@ -63,6 +73,19 @@ def _buffer(ident: int, width: int, height: int, code: str) -> BufferInfo:
         tuple((plane.offset, plane.pitch) for plane in lay.planes),
     )
 
+
+def _format(code: str) -> FormatInfo:
+    """A format as QUERIED describes it, from the daemon's format table."""
+    fmt = formats.lookup(code)
+    return FormatInfo(fmt.fourcc, fmt.cpp, fmt.hsub, fmt.vsub)
+
+
+# A token as SHARED hands it out. The daemon draws each one from the OS's random source; this
+# one is fixed so that the vectors are.
+TOKEN = bytes.fromhex("5c1e9a0f3b7d24e8a6c90b15f2d8437e")
+# What a client holds after allocated_xr24, allocated_nv12 and allocated_yu12.
+HELD = (_buffer(1, 1366, 768, "XR24"), _buffer(2, 1920, 1080, "NV12"), _buffer(3, 640, 480, "YU12"))
+QUERY_FORMATS = tuple(_format(code) for code in ("XR24", "NV12", "YU12", "P010"))
 
 VECTORS = (
     Vector("hello", 1, Hello(VERSION, VERSION, "kmscube"), "handshake, version 1 only"),
@@ -157,6 +180,67 @@ VECTORS = (
         "errno 12 (ENOMEM); text in UTF-8 with two- and three-byte sequences",
     ),
     Vector("released", 5, Released(3), "answer to release"),
+    Vector(
+        "share",
+        10,
+        Share(1, once=True, uids=(1000, 1001)),
+        "buffer 1, once, for uids 1000 and 1001 only",
+    ),
+    Vector("share_any", 11, Share(2), "buffer 2, for any client, as often as asked"),
+    Vector("shared", 10, Shared(TOKEN), "answer to share: the 16-byte token"),
+    Vector("open_shared", 12, OpenShared(TOKEN), "open the buffer that token names"),
+    Vector("revoke", 13, Revoke(TOKEN), "make that token stop working"),
+    Vector("revoked", 13, Revoked(), "answer to revoke: an empty body"),
+    Vector("query", 14, Query(), "what does the server offer? an empty body"),
+    Vector(
+        "queried_drm",
+        14,
+        Queried(
+            Backend.DRM,
+            "virtio_gpu",
+            (0, 1, 0),
+            "/dev/dri/card0",
+            16384,
+            16384,
+            1024,
+            1 << 30,
+            QUERY_FORMATS,
+            (formats.MOD_LINEAR,),
+            64,
+            256 << 20,
+            len(HELD),
+            sum(b.size for b in HELD),
+        ),
+        "answer to query: four of the formats, LINEAR only, quotas of 64 buffers and 256 MiB, "
+        "three buffers held (those of allocated_xr24, allocated_nv12, allocated_yu12)",
+    ),
+    Vector(
+        "queried_memfd",
+        2,
+        Queried(
+            Backend.MEMFD,
+            "memfd",
+            (0, 0, 0),
+            "",
+            16384,
+            16384,
+            1024,
+            1 << 30,
+            QUERY_FORMATS,
+            (formats.MOD_LINEAR,),
+            0,
+            0,
+            0,
+            0,
+        ),
+        "memfd backend: no node path, no quota, nothing held yet",
+    ),
+    Vector(
+        "buffer_passed",
+        0,
+        Passed(Backend.DRM, _buffer(2, 1920, 1080, "NV12")),
+        "peer to peer: the NV12 buffer of allocated_nv12, its dma-buf fd attached",
+    ),
 )
 
 
@@ -167,7 +251,15 @@ def _json(value: object) -> object:
         return [_json(item) for item in value]
     if isinstance(value, enum.IntEnum):
         return int(value)
+    if isinstance(value, bytes):
+        return value.hex()
     return value
+
+
+def _direction(message: Message) -> str:
+    if isinstance(message, Request):
+        return "request"
+    return "reply" if isinstance(message, Reply) else "peer"
 
 
 def render() -> dict[str, bytes]:
@@ -182,7 +274,7 @@ def render() -> dict[str, bytes]:
             {
                 "name": vector.name,
                 "file": file,
-                "direction": "request" if isinstance(vector.message, Request) else "reply",
+                "direction": _direction(vector.message),
                 "opcode": int(vector.message.OPCODE),
                 "message": vector.message.OPCODE.name,
                 "serial": vector.serial,

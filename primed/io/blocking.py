@@ -1,10 +1,11 @@
-"""The blocking client: one socket, one request at a time, no event loop."""
+"""The blocking client: one socket, no event loop; requests may be pipelined."""
 
 from __future__ import annotations
 
 import os
 import socket
 import sys
+from collections.abc import Iterable
 from types import TracebackType
 from typing import cast, overload
 
@@ -12,6 +13,7 @@ from primed import fdpass
 from primed.buffer import Buffer
 from primed.connection import (
     ClientConnection,
+    Offer,
     Result,
     ServerInfo,
     buffer_ids,
@@ -25,20 +27,52 @@ def _default_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
+class Pending:
+    """A request sent but not yet answered (see :meth:`Client.start_allocate`)."""
+
+    __slots__ = ("_client", "_many", "serial")
+
+    def __init__(self, client: Client, serial: int, many: bool = True):
+        self._client = client
+        self._many = many
+        self.serial = serial
+
+    def wait(self) -> Result | Buffer:
+        """Read replies until this one has come; return its result or raise its error.
+
+        Replies to other pending requests that arrive first are kept for them.
+        """
+        result = self._client._wait(self.serial)
+        if isinstance(result, list) and not self._many:
+            return result[0]
+        return result
+
+
 class Client:
-    """A connection to the daemon. Use :func:`primed.connect` to make one."""
+    """A connection to the daemon. Use :func:`primed.connect` to make one.
+
+    Each method sends one request and waits for its answer. To have many
+    requests in flight, use ``start_allocate`` / ``start_release`` and wait on
+    the returned :class:`Pending` objects later, in any order.
+    """
 
     def __init__(self, sock: socket.socket, name: str | None = None):
         self._sock = sock
         self._conn = ClientConnection(_default_name() if name is None else name)
+        self._ready: dict[int, Result] = {}  # answers that came before they were waited on
         self.info: ServerInfo = cast(ServerInfo, self._call(*self._conn.hello()))
 
-    def _call(self, serial: int, data: bytes) -> Result:
+    def _send(self, serial: int, data: bytes) -> int:
         try:
-            try:
-                fdpass.send(self._sock, data, [])
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # a daemon that refused us said why before closing: read on
+            fdpass.send(self._sock, data, [])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a daemon that refused us said why before closing: read on
+        return serial
+
+    def _wait(self, serial: int) -> Result:
+        if serial in self._ready:
+            return unwrap(self._ready.pop(serial))
+        try:
             while True:
                 received, fds = fdpass.recv(self._sock)
                 if not received and not fds:
@@ -48,12 +82,27 @@ class Client:
                     got, result = done
                     if got in (serial, 0):
                         return unwrap(result)
-                    if isinstance(result, list):  # a reply to a request we gave up on
-                        for buffer in result:
-                            buffer.close()
+                    self._ready[got] = result
         except (BrokenPipeError, ConnectionResetError) as e:
             self._conn.abandon()
             raise ConnectionLost(f"the daemon closed the connection: {e}") from None
+
+    def _call(self, serial: int, data: bytes) -> Result:
+        return self._wait(self._send(serial, data))
+
+    def start_allocate(
+        self, width: int, height: int, format: str | int = "XR24", *, count: int | None = None
+    ) -> Pending:
+        """Send an Allocate and return at once; ``wait()`` gives what allocate() would."""
+        request = self._conn.allocate(width, height, format, 1 if count is None else count)
+        return Pending(self, self._send(*request), many=count is not None)
+
+    def start_release(self, *buffers: Buffer | int) -> Pending:
+        """Send a Release and return at once; ``wait()`` gives the count released.
+
+        Buffers' fds are not closed: close them yourself.
+        """
+        return Pending(self, self._send(*self._conn.release(buffer_ids(buffers))))
 
     @overload
     def allocate(self, width: int, height: int, format: str | int = ...) -> Buffer: ...
@@ -71,11 +120,8 @@ class Client:
         integer. Raises ServerError (e.g. LIMIT_EXCEEDED, or KERNEL with the
         kernel's errno), ConnectionLost, ValueError for an unknown format.
         """
-        buffers = cast(
-            list[Buffer],
-            self._call(*self._conn.allocate(width, height, format, 1 if count is None else count)),
-        )
-        return buffers if count is not None else buffers[0]
+        pending = self.start_allocate(width, height, format, count=count)
+        return cast(Buffer | list[Buffer], pending.wait())
 
     def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """Drop the daemon's reference to ``buffers`` (Buffers or ids); returns how many.
@@ -90,9 +136,42 @@ class Client:
                     b.close()
         return count
 
+    def share(
+        self, buffer: Buffer | int, uids: Iterable[int] | None = None, once: bool = False
+    ) -> str:
+        """A token (hex text) with which another client can open ``buffer``.
+
+        ``uids`` limits who may open it (by their uid); ``once`` makes it work
+        once. It stops working on :meth:`revoke`, or when the buffer is released
+        or this client disconnects. Raises ServerError UNKNOWN_BUFFER.
+        """
+        ident = buffer.id if isinstance(buffer, Buffer) else buffer
+        return cast(str, self._call(*self._conn.share(ident, once, uids or ())))
+
+    def open_shared(self, token: str | bytes) -> Buffer:
+        """The buffer another client shared as ``token`` (its id is 0: it stays theirs).
+
+        Raises ServerError UNKNOWN_TOKEN, the same for every token that can't be
+        opened (wrong, revoked, used, dead, or not for this uid).
+        """
+        return cast(list[Buffer], self._call(*self._conn.open_shared(token)))[0]
+
+    def revoke(self, token: str | bytes) -> None:
+        """Make one of this client's tokens stop working. Raises ServerError UNKNOWN_TOKEN."""
+        self._call(*self._conn.revoke(token))
+
+    def query(self) -> Offer:
+        """What the daemon offers: formats, modifiers, limits, and this client's quota use."""
+        return cast(Offer, self._call(*self._conn.query()))
+
     def close(self) -> None:
         """Disconnect; the daemon frees every buffer this client still owned."""
         self._conn.abandon()
+        for result in self._ready.values():
+            if isinstance(result, list):
+                for buffer in result:
+                    buffer.close()
+        self._ready.clear()
         self._sock.close()
 
     def __enter__(self) -> Client:

@@ -8,7 +8,7 @@ does not leak: when the reply arrives, its buffers are closed and released.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import cast, overload
 
@@ -18,6 +18,7 @@ from primed import fdpass
 from primed.buffer import Buffer
 from primed.connection import (
     ClientConnection,
+    Offer,
     Result,
     ServerInfo,
     buffer_ids,
@@ -138,6 +139,25 @@ class AsyncClient:
                 if isinstance(b, Buffer):
                     b.close()
         return count
+
+    async def share(
+        self, buffer: Buffer | int, uids: Iterable[int] | None = None, once: bool = False
+    ) -> str:
+        """As :meth:`primed.Client.share`."""
+        ident = buffer.id if isinstance(buffer, Buffer) else buffer
+        return cast(str, await self._call(*self._conn.share(ident, once, uids or ())))
+
+    async def open_shared(self, token: str | bytes) -> Buffer:
+        """As :meth:`primed.Client.open_shared`."""
+        return cast(list[Buffer], await self._call(*self._conn.open_shared(token)))[0]
+
+    async def revoke(self, token: str | bytes) -> None:
+        """As :meth:`primed.Client.revoke`."""
+        await self._call(*self._conn.revoke(token))
+
+    async def query(self) -> Offer:
+        """As :meth:`primed.Client.query`."""
+        return cast(Offer, await self._call(*self._conn.query()))
 
 
 @asynccontextmanager

@@ -39,6 +39,13 @@ REQUIRED_NUMBERS = {
     "DRM_IOCTL_MODE_CREATE_DUMB",
     "DRM_IOCTL_MODE_MAP_DUMB",
     "DRM_IOCTL_MODE_DESTROY_DUMB",
+    "DRM_IOCTL_MODE_GETRESOURCES",
+    "DRM_IOCTL_MODE_GETCRTC",
+    "DRM_IOCTL_MODE_SETCRTC",
+    "DRM_IOCTL_MODE_GETENCODER",
+    "DRM_IOCTL_MODE_GETCONNECTOR",
+    "DRM_IOCTL_MODE_RMFB",
+    "DRM_IOCTL_MODE_ADDFB2",
     "DMA_BUF_IOCTL_SYNC",
     "DRM_CAP_DUMB_BUFFER",
     "DRM_CAP_PRIME",
@@ -49,10 +56,31 @@ REQUIRED_NUMBERS = {
     "DMA_BUF_SYNC_RW",
     "DMA_BUF_SYNC_START",
     "DMA_BUF_SYNC_END",
+    "DRM_MODE_FB_MODIFIERS",
+    "DRM_MODE_TYPE_PREFERRED",
 }
 
+MODEINFO = (
+    "clock",
+    "hdisplay",
+    "hsync_start",
+    "hsync_end",
+    "htotal",
+    "hskew",
+    "vdisplay",
+    "vsync_start",
+    "vsync_end",
+    "vtotal",
+    "vscan",
+    "vrefresh",
+    "flags",
+    "type",
+    "name",
+)
+
 # Each struct's fields in declaration order, as the kernel names them; None marks
-# padding that primed.drm declares as pad bytes ("x").
+# padding that primed.drm declares as pad bytes ("x"). An array is one field per
+# element ("handles[1]"), except a char array, which is one "s" item.
 FIELDS: dict[str, tuple[str | None, ...]] = {
     "drm_version": (
         "version_major",
@@ -73,6 +101,67 @@ FIELDS: dict[str, tuple[str | None, ...]] = {
     "drm_mode_map_dumb": ("handle", "pad", "offset"),
     "drm_mode_destroy_dumb": ("handle",),
     "dma_buf_sync": ("flags",),
+    "drm_mode_fb_cmd2": (
+        "fb_id",
+        "width",
+        "height",
+        "pixel_format",
+        "flags",
+        *(f"{array}[{i}]" for array in ("handles", "pitches", "offsets") for i in range(4)),
+        None,
+        *(f"modifier[{i}]" for i in range(4)),
+    ),
+    "drm_mode_card_res": (
+        "fb_id_ptr",
+        "crtc_id_ptr",
+        "connector_id_ptr",
+        "encoder_id_ptr",
+        "count_fbs",
+        "count_crtcs",
+        "count_connectors",
+        "count_encoders",
+        "min_width",
+        "max_width",
+        "min_height",
+        "max_height",
+    ),
+    "drm_mode_modeinfo": MODEINFO,
+    "drm_mode_get_connector": (
+        "encoders_ptr",
+        "modes_ptr",
+        "props_ptr",
+        "prop_values_ptr",
+        "count_modes",
+        "count_props",
+        "count_encoders",
+        "encoder_id",
+        "connector_id",
+        "connector_type",
+        "connector_type_id",
+        "connection",
+        "mm_width",
+        "mm_height",
+        "subpixel",
+        "pad",
+    ),
+    "drm_mode_get_encoder": (
+        "encoder_id",
+        "encoder_type",
+        "crtc_id",
+        "possible_crtcs",
+        "possible_clones",
+    ),
+    "drm_mode_crtc": (
+        "set_connectors_ptr",
+        "count_connectors",
+        "crtc_id",
+        "fb_id",
+        "x",
+        "y",
+        "gamma_size",
+        "mode_valid",
+        *(f"mode.{field}" for field in MODEINFO),
+    ),
 }
 
 
@@ -97,9 +186,9 @@ def field_offsets(layout: struct.Struct) -> list[tuple[bool, int]]:
     items = []
     done = ""
     for count, code in re.findall(r"(\d*)([a-zA-Z?])", body):
-        if code == "x":
-            items.append((True, struct.calcsize(order + done)))
-            done += f"{count}x"
+        if code in "xs":
+            items.append((code == "x", struct.calcsize(order + done)))
+            done += f"{count}{code}"
             continue
         for _ in range(int(count or 1)):
             items.append((False, struct.calcsize(order + done)))

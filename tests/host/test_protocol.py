@@ -6,6 +6,7 @@ import dataclasses
 import json
 import struct
 import tracemalloc
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,17 +23,43 @@ from primed.protocol import (
     Allocated,
     BufferInfo,
     Error,
+    FormatInfo,
     Hello,
     Message,
+    OpenShared,
+    Passed,
+    Queried,
+    Query,
     Release,
     Released,
+    Reply,
     Request,
+    Revoke,
+    Revoked,
+    Share,
+    Shared,
     UnknownOpcode,
     Welcome,
 )
-from primed.schema import MAX_FDS, MAX_NAME, MAX_RELEASE, MAX_TEXT, Backend, Opcode
+from primed.schema import (
+    MAX_FDS,
+    MAX_NAME,
+    MAX_RELEASE,
+    MAX_TEXT,
+    MAX_UIDS,
+    TOKEN_SIZE,
+    Backend,
+    Opcode,
+)
 
-Kind = Literal["request", "reply"]
+Kind = Literal["request", "reply", "peer"]
+KINDS: tuple[Kind, ...] = ("request", "reply", "peer")
+#: The opcodes each kind of receiver knows.
+TABLES: dict[Kind, Mapping[int, type[Message]]] = {
+    "request": protocol.REQUESTS,
+    "reply": protocol.REPLIES,
+    "peer": protocol.PEER,
+}
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "protocol" / "vectors"
@@ -51,8 +78,18 @@ HEADS = {
     Opcode.WELCOME: schema.WELCOME_HEAD,
     Opcode.ALLOCATED: schema.ALLOCATED_HEAD,
     Opcode.RELEASED: schema.RELEASED_HEAD,
+    Opcode.SHARE: schema.SHARE_HEAD,
+    Opcode.OPEN_SHARED: schema.TOKEN_HEAD,
+    Opcode.REVOKE: schema.TOKEN_HEAD,
+    Opcode.QUERY: schema.EMPTY_HEAD,
+    Opcode.SHARED: schema.TOKEN_HEAD,
+    Opcode.REVOKED: schema.EMPTY_HEAD,
+    Opcode.QUERIED: schema.QUERIED_HEAD,
+    Opcode.BUFFER: schema.PASSED_HEAD,
 }
 RECORD = 72
+FORMAT_RECORD = 12
+QUERIED_HEAD_SIZE = 76
 BAD_UTF8 = [b"\xff", b"\xc3", b"a\x80", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
 
 each_vector = pytest.mark.parametrize(
@@ -62,11 +99,12 @@ each_vector = pytest.mark.parametrize(
 
 # Strategies: every field over its whole range, strings up to their byte limit.
 
+u8 = st.integers(0, 2**8 - 1)
 u16 = st.integers(0, 2**16 - 1)
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
 i32 = st.integers(-(2**31), 2**31 - 1)
-kinds: st.SearchStrategy[Kind] = st.sampled_from(["request", "reply"])
+kinds: st.SearchStrategy[Kind] = st.sampled_from(KINDS)
 
 
 def utf8(limit: int) -> st.SearchStrategy[str]:
@@ -102,11 +140,53 @@ def allocateds(draw: st.DrawFn) -> Allocated:
 
 
 releaseds = st.builds(Released, u32)
-messages = st.one_of(hellos, allocates, releases, errors, welcomes, allocateds(), releaseds)
+tokens = st.binary(min_size=TOKEN_SIZE, max_size=TOKEN_SIZE)
+shares = st.builds(Share, u64, st.booleans(), st.lists(u32, max_size=MAX_UIDS).map(tuple))
+open_shareds = st.builds(OpenShared, tokens)
+revokes = st.builds(Revoke, tokens)
+shareds = st.builds(Shared, tokens)
+format_infos = st.builds(FormatInfo, u32, st.lists(u8, min_size=1, max_size=4).map(tuple), u8, u8)
+querieds = st.builds(
+    Queried,
+    st.sampled_from(Backend),
+    utf8(MAX_NAME),
+    st.tuples(u32, u32, u32),
+    utf8(MAX_NAME),
+    u32,
+    u32,
+    u32,
+    u64,
+    st.lists(format_infos, max_size=32).map(tuple),
+    st.lists(u64, max_size=8).map(tuple),
+    u64,
+    u64,
+    u64,
+    u64,
+)
+passeds = st.builds(Passed, st.sampled_from(Backend), buffers)
+messages = st.one_of(
+    hellos,
+    allocates,
+    releases,
+    errors,
+    welcomes,
+    allocateds(),
+    releaseds,
+    shares,
+    open_shareds,
+    revokes,
+    st.just(Query()),
+    shareds,
+    st.just(Revoked()),
+    querieds,
+    passeds,
+)
 
 
 def kind_of(message: Message) -> Kind:
-    return "request" if isinstance(message, Request) else "reply"
+    if isinstance(message, Request):
+        return "request"
+    return "reply" if isinstance(message, Reply) else "peer"
 
 
 # The construct schema's view of a message.
@@ -125,6 +205,17 @@ def _record(buffer: BufferInfo) -> dict[str, Any]:
         "size": buffer.size,
         **{f"offset{i}": flat[2 * i] for i in range(4)},
         **{f"pitch{i}": flat[2 * i + 1] for i in range(4)},
+    }
+
+
+def _format_record(info: FormatInfo) -> dict[str, Any]:
+    cpp = [*info.cpp, 0, 0, 0][:4]
+    return {
+        "fourcc": info.fourcc,
+        "nplanes": len(info.cpp),
+        "hsub": info.hsub,
+        "vsub": info.vsub,
+        **{f"cpp{i}": cpp[i] for i in range(4)},
     }
 
 
@@ -185,6 +276,44 @@ def layout(message: Message, serial: int) -> dict[str, Any]:
             }
         case Released():
             body = {"count": message.count}
+        case Share():
+            body = {
+                "id": message.id,
+                "flags": 1 if message.once else 0,
+                "nuids": len(message.uids),
+                "uids": list(message.uids),
+            }
+        case OpenShared() | Revoke() | Shared():
+            body = {"token": message.token}
+        case Query() | Revoked():
+            body = {}
+        case Queried():
+            driver, node = message.driver.encode(), message.node.encode()
+            major, minor, patch = message.driver_version
+            body = {
+                "backend": int(message.backend),
+                "nformats": len(message.formats),
+                "nmodifiers": len(message.modifiers),
+                "driver_major": major,
+                "driver_minor": minor,
+                "driver_patch": patch,
+                "max_width": message.max_width,
+                "max_height": message.max_height,
+                "max_count": message.max_count,
+                "max_size": message.max_size,
+                "quota_buffers": message.quota_buffers,
+                "quota_bytes": message.quota_bytes,
+                "used_buffers": message.used_buffers,
+                "used_bytes": message.used_bytes,
+                "driver_len": len(driver),
+                "node_len": len(node),
+                "formats": [_format_record(f) for f in message.formats],
+                "modifiers": list(message.modifiers),
+                "driver": driver,
+                "node": node,
+            }
+        case Passed():
+            body = {"backend": int(message.backend), "buffer": _record(message.buffer)}
     size = len(schema.BODIES[message.OPCODE].build(body))
     header = {"opcode": message.OPCODE, "nfds": message.nfds, "size": size, "serial": serial}
     return {"header": header, "body": body}
@@ -193,6 +322,10 @@ def layout(message: Message, serial: int) -> dict[str, Any]:
 def _buffer(r: Any) -> BufferInfo:
     planes = tuple((r[f"offset{i}"], r[f"pitch{i}"]) for i in range(r.nplanes))
     return BufferInfo(r.id, r.width, r.height, r.fourcc, r.modifier, r.size, planes)
+
+
+def _format(r: Any) -> FormatInfo:
+    return FormatInfo(r.fourcc, tuple(r[f"cpp{i}"] for i in range(r.nplanes)), r.hsub, r.vsub)
 
 
 def parsed(result: Any) -> tuple[int, int, Message]:
@@ -224,6 +357,37 @@ def parsed(result: Any) -> tuple[int, int, Message]:
             message = Allocated(b.total, b.index, tuple(_buffer(r) for r in b.buffers))
         case Opcode.RELEASED:
             message = Released(b.count)
+        case Opcode.SHARE:
+            message = Share(b.id, bool(b.flags & 1), tuple(b.uids))
+        case Opcode.OPEN_SHARED:
+            message = OpenShared(b.token)
+        case Opcode.REVOKE:
+            message = Revoke(b.token)
+        case Opcode.QUERY:
+            message = Query()
+        case Opcode.SHARED:
+            message = Shared(b.token)
+        case Opcode.REVOKED:
+            message = Revoked()
+        case Opcode.QUERIED:
+            message = Queried(
+                Backend(b.backend),
+                b.driver.decode(),
+                (b.driver_major, b.driver_minor, b.driver_patch),
+                b.node.decode(),
+                b.max_width,
+                b.max_height,
+                b.max_count,
+                b.max_size,
+                tuple(_format(r) for r in b.formats),
+                tuple(b.modifiers),
+                b.quota_buffers,
+                b.quota_bytes,
+                b.used_buffers,
+                b.used_bytes,
+            )
+        case Opcode.BUFFER:
+            message = Passed(Backend(b.backend), _buffer(b.buffer))
     return result.header.serial, result.header.nfds, message
 
 
@@ -315,6 +479,12 @@ def test_fast_path_is_the_schema(message: Message, serial: int) -> None:
         "ALLOCATED_HEAD",
         "BUFFER",
         "RELEASED_HEAD",
+        "SHARE_HEAD",
+        "TOKEN_HEAD",
+        "EMPTY_HEAD",
+        "QUERIED_HEAD",
+        "FORMAT",
+        "PASSED_HEAD",
     ],
 )
 def test_fixed_is_the_declaration(name: str) -> None:
@@ -322,27 +492,53 @@ def test_fixed_is_the_declaration(name: str) -> None:
     fixed = schema.fixed(head)
     assert fixed.size == head.sizeof()
     assert fixed.names == tuple(sub.name for sub in head.subcons)
-    values = [position + 1 for position in range(len(fixed.names))]
+    values: list[Any] = [
+        bytes(range(1, sub.subcon.length + 1))
+        if isinstance(sub.subcon, construct.Bytes)
+        else position + 1
+        for position, sub in enumerate(head.subcons)
+    ]
     for position, required in fixed.consts:
         values[position] = required
-    assert fixed.packer.pack(*values) == head.build(dict(zip(fixed.names, values, strict=True)))
+    data = fixed.packer.pack(*values)
+    assert data == head.build(dict(zip(fixed.names, values, strict=True)))
+    assert fixed.packer.unpack(data) == tuple(values)
 
 
-def test_fixed_refuses_what_is_not_an_integer_field() -> None:
+@pytest.mark.parametrize(
+    "declaration",
+    [
+        pytest.param(schema.BODIES[Opcode.HELLO], id="a length-prefixed string"),
+        pytest.param(construct.Struct("n" / construct.Int32ub), id="big-endian"),
+        pytest.param(construct.Struct("b" / construct.Bytes(lambda _: 4)), id="computed Bytes"),
+        pytest.param(construct.Struct(construct.Int32ul), id="unnamed"),
+        pytest.param(construct.Struct("r" / schema.BUFFER), id="a nested record"),
+    ],
+)
+def test_fixed_refuses_what_is_not_a_fixed_field(declaration: Any) -> None:
     with pytest.raises(TypeError):
-        schema.fixed(schema.BODIES[Opcode.HELLO])
+        schema.fixed(declaration)
 
 
 def test_sizes_that_clients_hard_code() -> None:
     assert HEADER_SIZE == _HEADER.size == 12
     assert schema.BUFFER.sizeof() == RECORD
+    assert schema.FORMAT.sizeof() == FORMAT_RECORD
     assert schema.fixed(schema.WELCOME_HEAD).size == 44
+    assert schema.fixed(schema.QUERIED_HEAD).size == QUERIED_HEAD_SIZE
+    assert schema.fixed(schema.SHARE_HEAD).size == 16
+    assert schema.fixed(schema.TOKEN_HEAD).size == TOKEN_SIZE == 16
+    assert schema.fixed(schema.EMPTY_HEAD).size == 0
+    assert schema.fixed(schema.PASSED_HEAD).size + RECORD == 76
 
 
 def test_opcode_ranges() -> None:
     assert all(op < 0x8000 for op in protocol.REQUESTS)
     assert all(op >= 0x8000 for op in protocol.REPLIES)
-    assert set(protocol.REQUESTS) | set(protocol.REPLIES) == set(Opcode)
+    assert all(op < 0x8000 for op in protocol.PEER)
+    tables = (set(protocol.REQUESTS), set(protocol.REPLIES), set(protocol.PEER))
+    assert sum(len(t) for t in tables) == len(set.union(*tables)) == len(Opcode)
+    assert set.union(*tables) == set(Opcode)
 
 
 def test_limits_at_the_boundary_round_trip() -> None:
@@ -353,15 +549,42 @@ def test_limits_at_the_boundary_round_trip() -> None:
         Error(1, 0, "t" * MAX_TEXT),
         Welcome(1, Backend.DRM, 1, 1, 1, 1, "d" * MAX_NAME, (1, 2, 3), "n" * MAX_NAME),
         Allocated(MAX_FDS, 0, (record,) * MAX_FDS),
+        Share(2**64 - 1, True, tuple(range(2**32 - MAX_UIDS, 2**32))),
+        Queried(
+            Backend.MEMFD,
+            "d" * MAX_NAME,
+            (2**32 - 1,) * 3,
+            "n" * MAX_NAME,
+            *(2**32 - 1,) * 3,
+            2**64 - 1,
+            (FormatInfo(2**32 - 1, (255,) * 4, 255, 255),) * 1024,
+            (2**64 - 1,) * 1024,
+            *(2**64 - 1,) * 4,
+        ),
+        Passed(Backend.MEMFD, BufferInfo(2**64 - 1, 1, 1, 1, 2**64 - 1, 1, ((1, 2),) * 4)),
     ):
         data = protocol.encode(message, 3)
         assert len(data) <= schema.MAX_MESSAGE
         assert protocol.decode(data, message.nfds, kind_of(message)) == (3, message)
 
 
-def test_allocate_flags_are_the_servers_to_judge() -> None:
-    message = Allocate(1, 1, 1, 1, 0xFFFFFFFF)
-    assert protocol.decode(protocol.encode(message, 1), 0, "request") == (1, message)
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(Allocate(1, 1, 1, 1, 0xFFFFFFFF), id="ALLOCATE flags"),
+        pytest.param(Share(0, uids=(0, 0, 2**32 - 1)), id="SHARE id 0, uids repeated"),
+        pytest.param(OpenShared(bytes(TOKEN_SIZE)), id="a token of zeros"),
+        pytest.param(
+            Passed(Backend.MEMFD, BufferInfo(0, 0, 0, 0, 2**64 - 1, 0, ((0, 0),))),
+            id="BUFFER of zeros, unknown modifier",
+        ),
+    ],
+)
+def test_values_are_the_receivers_to_judge(message: Message) -> None:
+    assert protocol.decode(protocol.encode(message, 1), message.nfds, kind_of(message)) == (
+        1,
+        message,
+    )
 
 
 # Malformed input: every refusal is a RemoteProtocolError with code BAD_MESSAGE.
@@ -416,31 +639,120 @@ def test_nonzero_reserved_fields_are_refused(data: bytes, nfds: int, kind: Kind)
                 schema.MESSAGE.parse(bad)
 
 
-ALLOCATED_VECTORS = [v for v in VECTORS if _HEADER.unpack_from(v[1])[0] == Opcode.ALLOCATED]
+def _vectors_of(*opcodes: Opcode) -> pytest.MarkDecorator:
+    """Parametrize a test with the vectors of these opcodes as (data, nfds, kind)."""
+    chosen = [v for v in VECTORS if _HEADER.unpack_from(v[1])[0] in opcodes]
+    return pytest.mark.parametrize(
+        ("data", "nfds", "kind"), [v[1:] for v in chosen], ids=[v[0] for v in chosen]
+    )
 
 
-@pytest.mark.parametrize(
-    ("data", "nfds"), [v[1:3] for v in ALLOCATED_VECTORS], ids=[v[0] for v in ALLOCATED_VECTORS]
-)
-def test_plane_slots_past_nplanes_must_be_zero(data: bytes, nfds: int) -> None:
-    for k in range(nfds):
-        record = HEADER_SIZE + schema.ALLOCATED_HEAD.sizeof() + k * RECORD
+def _put(data: bytes, at: int, fmt: str, *values: int) -> bytes:
+    """``data`` with ``values`` packed at offset ``at``."""
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, *values)
+    return bytes(out)
+
+
+def _records(data: bytes, nfds: int) -> list[int]:
+    """Datagram offsets of the buffer records of an ALLOCATED or BUFFER vector."""
+    if _HEADER.unpack_from(data)[0] == Opcode.BUFFER:
+        return [HEADER_SIZE + schema.PASSED_HEAD.sizeof()]
+    first = HEADER_SIZE + schema.ALLOCATED_HEAD.sizeof()
+    return [first + k * RECORD for k in range(nfds)]
+
+
+@_vectors_of(Opcode.ALLOCATED, Opcode.BUFFER)
+def test_plane_slots_past_nplanes_must_be_zero(data: bytes, nfds: int, kind: Kind) -> None:
+    for record in _records(data, nfds):
         nplanes = struct.unpack_from("<I", data, record + 20)[0]
         for bad_count in (0, 5, 0xFFFFFFFF):
-            refused(
-                data[: record + 20] + struct.pack("<I", bad_count) + data[record + 24 :],
-                nfds,
-                "reply",
-            )
+            refused(_put(data, record + 20, "<I", bad_count), nfds, kind)
         for slot in range(2 * nplanes, 8):
-            at = record + 40 + 4 * slot
-            refused(data[:at] + b"\x01\x00\x00\x00" + data[at + 4 :], nfds, "reply")
+            refused(_put(data, record + 40 + 4 * slot, "<I", 1), nfds, kind)
+
+
+def _format_records(data: bytes) -> list[int]:
+    """Datagram offsets of the format records of a QUERIED vector."""
+    nformats = struct.unpack_from("<H", data, HEADER_SIZE + 2)[0]
+    first = HEADER_SIZE + QUERIED_HEAD_SIZE
+    return [first + k * FORMAT_RECORD for k in range(nformats)]
+
+
+@_vectors_of(Opcode.QUERIED)
+def test_format_records_are_checked(data: bytes, nfds: int, kind: Kind) -> None:
+    assert _format_records(data)
+    for record in _format_records(data):
+        nplanes = data[record + 4]
+        for bad_count in (0, 5, 0xFF):
+            refused(_put(data, record + 4, "<B", bad_count), nfds, kind)
+        for slot in range(nplanes, 4):  # cpp of a plane the format does not have
+            refused(_put(data, record + 8 + slot, "<B", 1), nfds, kind)
+        for value in (1, 0x80):  # the reserved byte
+            bad = _put(data, record + 7, "<B", value)
+            refused(bad, nfds, kind)
+            with pytest.raises(construct.ConstError):
+                schema.MESSAGE.parse(bad)
+
+
+@_vectors_of(Opcode.QUERIED)
+def test_queried_counts_must_match_the_body(data: bytes, nfds: int, kind: Kind) -> None:
+    nformats, nmodifiers = struct.unpack_from("<HH", data, HEADER_SIZE + 2)
+    driver_len, node_len = struct.unpack_from("<HH", data, HEADER_SIZE + QUERIED_HEAD_SIZE - 4)
+    for field, value in ((2, nformats), (4, nmodifiers)):
+        for wrong in {0, value - 1, value + 1, 0xFFFF} - {value, -1}:
+            refused(_put(data, HEADER_SIZE + field, "<H", wrong), nfds, kind)
+    for field, value in ((QUERIED_HEAD_SIZE - 4, driver_len), (QUERIED_HEAD_SIZE - 2, node_len)):
+        for wrong in {0, value + 1, MAX_NAME + 1, 0xFFFF} - {value}:
+            refused(_put(data, HEADER_SIZE + field, "<H", wrong), nfds, kind)
+
+
+@pytest.mark.parametrize("flags", [2, 3, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF])
+def test_share_flags_other_than_once_are_refused(flags: int) -> None:
+    body = struct.pack("<QII", 1, flags, 0)
+    refused(datagram(Opcode.SHARE, body), 0, "request")
+    for known in (0, 1):
+        data = datagram(Opcode.SHARE, struct.pack("<QII", 1, known, 0))
+        assert protocol.decode(data, 0, "request") == (7, Share(1, once=bool(known)))
+
+
+@pytest.mark.parametrize("opcode", [Opcode.OPEN_SHARED, Opcode.REVOKE, Opcode.SHARED])
+@pytest.mark.parametrize("length", [0, 1, TOKEN_SIZE - 1, TOKEN_SIZE + 1, 2 * TOKEN_SIZE])
+def test_tokens_have_16_bytes(opcode: Opcode, length: int) -> None:
+    kind: Kind = "reply" if opcode == Opcode.SHARED else "request"
+    refused(datagram(opcode, bytes(range(length))), 0, kind)
+    with pytest.raises(construct.ConstructError):
+        schema.MESSAGE.parse(datagram(opcode, bytes(range(length))))
+
+
+@pytest.mark.parametrize(("opcode", "kind"), [(Opcode.QUERY, "request"), (Opcode.REVOKED, "reply")])
+@pytest.mark.parametrize("body", [b"\x00", bytes(4), bytes(TOKEN_SIZE)])
+def test_empty_bodies_must_be_empty(opcode: Opcode, kind: Kind, body: bytes) -> None:
+    refused(datagram(opcode, body), 0, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("opcode", list(Opcode), ids=[op.name for op in Opcode])
+def test_each_opcode_is_known_to_one_kind(opcode: Opcode, kind: Kind) -> None:
+    table = TABLES[kind]
+    data = datagram(opcode, b"", serial=9)
+    if opcode in table:  # known: the empty body is judged, well-formed or not
+        try:
+            _, message = protocol.decode(data, 0, kind)
+        except UnknownOpcode:
+            pytest.fail(f"{opcode.name} is unknown as a {kind}")
+        except RemoteProtocolError:
+            return
+        assert type(message) is table[opcode]
+    else:
+        with pytest.raises(UnknownOpcode) as unknown:
+            protocol.decode(data, 0, kind)
+        assert (unknown.value.opcode, unknown.value.serial) == (opcode, 9)
 
 
 @given(u16, u32, st.binary(max_size=64), kinds)
 def test_unknown_opcodes(opcode: int, serial: int, body: bytes, kind: Kind) -> None:
-    known = protocol.REQUESTS if kind == "request" else protocol.REPLIES
-    if opcode in known:
+    if opcode in TABLES[kind]:
         opcode ^= 0x8000  # the same opcode sent the wrong way
     with pytest.raises(UnknownOpcode) as caught:
         protocol.decode(datagram(opcode, body, serial=serial), 0, kind)
@@ -453,9 +765,9 @@ def test_unknown_opcodes(opcode: int, serial: int, body: bytes, kind: Kind) -> N
 
 @each_vector
 def test_messages_sent_the_wrong_way_are_unknown(data: bytes, nfds: int, kind: Kind) -> None:
-    other: Kind = "reply" if kind == "request" else "request"
-    with pytest.raises(UnknownOpcode):
-        protocol.decode(data, nfds, other)
+    for other in set(KINDS) - {kind}:
+        with pytest.raises(UnknownOpcode):
+            protocol.decode(data, nfds, other)
 
 
 def test_counts_over_the_caps_are_refused_cheaply() -> None:
@@ -488,6 +800,55 @@ def test_counts_over_the_caps_are_refused_cheaply() -> None:
         struct.pack_into("<H", long, field, 256)
         refused_cheaply(datagram(Opcode.WELCOME, bytes(long) + b"x" * 257), 0, "reply")
 
+    uids = struct.pack(f"<{MAX_UIDS + 1}I", *range(MAX_UIDS + 1))
+    for nuids in (MAX_UIDS + 1, 2**32 - 1):
+        body = struct.pack("<QII", 1, 0, nuids) + uids
+        refused_cheaply(datagram(Opcode.SHARE, body), 0, "request")
+
+    queried = bytearray(protocol.encode(_queried(), 1)[HEADER_SIZE:])
+    for field in (2, 4):  # nformats, nmodifiers: the body is far shorter than they say
+        many = bytearray(queried)
+        struct.pack_into("<H", many, field, 0xFFFF)
+        refused_cheaply(datagram(Opcode.QUERIED, bytes(many)), 0, "reply")
+    for field in (QUERIED_HEAD_SIZE - 4, QUERIED_HEAD_SIZE - 2):  # driver_len, node_len
+        long = bytearray(queried[:QUERIED_HEAD_SIZE])
+        struct.pack_into("<HHH", long, 2, 0, 0, 0)
+        struct.pack_into("<HH", long, QUERIED_HEAD_SIZE - 4, 1, 1)
+        struct.pack_into("<H", long, field, MAX_NAME + 1)
+        refused_cheaply(datagram(Opcode.QUERIED, bytes(long) + b"x" * (MAX_NAME + 2)), 0, "reply")
+
+
+def _queried(**changes: Any) -> Queried:
+    """A small QUERIED reply, with ``changes``."""
+    message = Queried(
+        Backend.DRM,
+        "driver",
+        (1, 2, 3),
+        "node",
+        1,
+        1,
+        1,
+        1,
+        (FormatInfo(1, (1, 2), 2, 2),),
+        (0,),
+        0,
+        0,
+        0,
+        0,
+    )
+    return dataclasses.replace(message, **changes)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    range(1, FORMAT_RECORD + 8),
+    ids=[f"{n} bytes short" for n in range(1, FORMAT_RECORD + 8)],
+)
+def test_queried_cut_inside_its_arrays_is_refused(cut: int) -> None:
+    # Strings empty, so that the cut falls in the format records or the modifiers.
+    data = protocol.encode(_queried(driver="", node=""), 1)[:-cut]
+    refused(reheader(data, size=len(data) - HEADER_SIZE), 0, "reply")
+
 
 @pytest.mark.parametrize(
     ("total", "index", "count"),
@@ -502,10 +863,17 @@ def test_allocated_parts_must_lie_within_the_whole(total: int, index: int, count
 
 
 @pytest.mark.parametrize("backend", [0, 3, 0xFFFF])
-def test_unknown_backend_is_refused(backend: int) -> None:
-    data = bytearray(protocol.encode(Welcome(1, Backend.DRM, 1, 1, 1, 1), 1))
-    struct.pack_into("<H", data, HEADER_SIZE + 2, backend)
-    refused(bytes(data), 0, "reply")
+@pytest.mark.parametrize(
+    ("message", "at"),
+    [
+        pytest.param(Welcome(1, Backend.DRM, 1, 1, 1, 1), 2, id="WELCOME"),
+        pytest.param(_queried(), 0, id="QUERIED"),
+        pytest.param(Passed(Backend.DRM, BufferInfo(1, 1, 1, 1, 0, 1, ((0, 4),))), 0, id="BUFFER"),
+    ],
+)
+def test_unknown_backend_is_refused(backend: int, message: Message, at: int) -> None:
+    data = _put(protocol.encode(message, 1), HEADER_SIZE + at, "<H", backend)
+    refused(data, message.nfds, kind_of(message))
 
 
 @pytest.mark.parametrize("bad", BAD_UTF8, ids=[b.hex() for b in BAD_UTF8])
@@ -516,6 +884,8 @@ def test_strings_must_be_utf8(bad: bytes) -> None:
         (Error(1, 0, filler), 0),
         (Welcome(1, Backend.DRM, 1, 1, 1, 1, filler, (0, 0, 0), "node"), 4),
         (Welcome(1, Backend.DRM, 1, 1, 1, 1, "driver", (0, 0, 0), filler), 0),
+        (_queried(driver=filler), 4),
+        (_queried(node=filler), 0),
     ]
     for message, after in cases:
         data = protocol.encode(message, 1)
@@ -592,6 +962,30 @@ _WELCOME = (1, Backend.DRM, 1, 1, 1, 1)
             Allocated(1, 0, (BufferInfo(2**64, 1, 1, 1, 0, 1, ((0, 4),)),)), id="id 2**64"
         ),
         pytest.param(Released(-1), id="negative count"),
+        pytest.param(Share(1, uids=tuple(range(MAX_UIDS + 1))), id="SHARE with 65 uids"),
+        pytest.param(Share(1, uids=(2**32,)), id="uid 2**32"),
+        pytest.param(Share(1, uids=(-1,)), id="negative uid"),
+        pytest.param(Share(2**64), id="SHARE id 2**64"),
+        *(
+            pytest.param(cls(bytes(length)), id=f"{cls.__name__} token of {length} bytes")
+            for cls in (OpenShared, Revoke, Shared)
+            for length in (0, TOKEN_SIZE - 1, TOKEN_SIZE + 1)
+        ),
+        pytest.param(_queried(formats=(FormatInfo(1, ()),)), id="format of no planes"),
+        pytest.param(_queried(formats=(FormatInfo(1, (1,) * 5),)), id="format of 5 planes"),
+        pytest.param(_queried(formats=(FormatInfo(1, (256,)),)), id="cpp 256"),
+        pytest.param(_queried(formats=(FormatInfo(1, (1,), 256, 1),)), id="hsub 256"),
+        pytest.param(_queried(formats=(FormatInfo(2**32, (1,)),)), id="format fourcc 2**32"),
+        pytest.param(_queried(modifiers=(2**64,)), id="modifier 2**64"),
+        pytest.param(_queried(modifiers=(0,) * 8200), id="QUERIED over 65536 bytes"),
+        pytest.param(_queried(driver="d" * (MAX_NAME + 1)), id="QUERIED driver of 256 bytes"),
+        pytest.param(_queried(node="n" * (MAX_NAME + 1)), id="QUERIED node of 256 bytes"),
+        pytest.param(_queried(quota_bytes=2**64), id="quota_bytes 2**64"),
+        pytest.param(_queried(used_buffers=-1), id="negative used_buffers"),
+        pytest.param(Passed(Backend.DRM, BufferInfo(1, 1, 1, 1, 0, 1, ())), id="BUFFER no planes"),
+        pytest.param(
+            Passed(Backend.DRM, BufferInfo(2**64, 1, 1, 1, 0, 1, ((0, 4),))), id="BUFFER id 2**64"
+        ),
     ],
 )
 def test_what_does_not_fit_is_a_local_error(message: Message) -> None:
@@ -645,6 +1039,38 @@ loose_messages = st.one_of(
     ),
     st.builds(Allocated, wide, wide, st.lists(loose_buffers, max_size=4).map(tuple)),
     st.builds(Released, wide),
+    st.builds(Share, wide, st.booleans(), st.lists(wide, max_size=MAX_UIDS + 2).map(tuple)),
+    *(
+        st.builds(
+            cls,
+            st.binary(max_size=TOKEN_SIZE + 2)
+            | st.binary(min_size=TOKEN_SIZE, max_size=TOKEN_SIZE),
+        )
+        for cls in (OpenShared, Revoke, Shared)
+    ),
+    st.just(Query()),
+    st.just(Revoked()),
+    st.builds(
+        Queried,
+        st.sampled_from(Backend),
+        loose_text,
+        st.tuples(wide, wide, wide),
+        loose_text,
+        wide,
+        wide,
+        wide,
+        wide,
+        st.lists(
+            st.builds(FormatInfo, wide, st.lists(wide, max_size=5).map(tuple), wide, wide),
+            max_size=4,
+        ).map(tuple),
+        st.lists(wide, max_size=4).map(tuple),
+        wide,
+        wide,
+        wide,
+        wide,
+    ),
+    st.builds(Passed, st.sampled_from(Backend), loose_buffers),
 )
 
 

@@ -7,7 +7,9 @@ vector that drifted from what its JSON says fails even if both were regenerated.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +23,19 @@ from primed.protocol import (
     Allocated,
     BufferInfo,
     Error,
+    FormatInfo,
     Hello,
     Message,
+    OpenShared,
+    Passed,
+    Queried,
+    Query,
     Release,
     Released,
+    Revoke,
+    Revoked,
+    Share,
+    Shared,
     Welcome,
 )
 from primed.schema import Backend, Opcode
@@ -47,6 +58,15 @@ def _buffer(fields: dict[str, Any]) -> BufferInfo:
         fields["size"],
         tuple((offset, pitch) for offset, pitch in fields["planes"]),
     )
+
+
+def _format(fields: dict[str, Any]) -> FormatInfo:
+    return FormatInfo(fields["fourcc"], tuple(fields["cpp"]), fields["hsub"], fields["vsub"])
+
+
+def _token(text: str) -> bytes:
+    assert text == text.lower()  # one spelling only: lower-case hex, as documented
+    return bytes.fromhex(text)
 
 
 def message_of(entry: dict[str, Any]) -> Message:
@@ -79,6 +99,38 @@ def message_of(entry: dict[str, Any]) -> Message:
             message = Allocated(f["total"], f["index"], tuple(_buffer(b) for b in f["buffers"]))
         case Opcode.RELEASED:
             message = Released(f["count"])
+        case Opcode.SHARE:
+            message = Share(f["id"], f["once"], tuple(f["uids"]))
+        case Opcode.OPEN_SHARED:
+            message = OpenShared(_token(f["token"]))
+        case Opcode.REVOKE:
+            message = Revoke(_token(f["token"]))
+        case Opcode.QUERY:
+            message = Query()
+        case Opcode.SHARED:
+            message = Shared(_token(f["token"]))
+        case Opcode.REVOKED:
+            message = Revoked()
+        case Opcode.QUERIED:
+            major, minor, patch = f["driver_version"]
+            message = Queried(
+                Backend(f["backend"]),
+                f["driver"],
+                (major, minor, patch),
+                f["node"],
+                f["max_width"],
+                f["max_height"],
+                f["max_count"],
+                f["max_size"],
+                tuple(_format(r) for r in f["formats"]),
+                tuple(f["modifiers"]),
+                f["quota_buffers"],
+                f["quota_bytes"],
+                f["used_buffers"],
+                f["used_bytes"],
+            )
+        case Opcode.BUFFER:
+            message = Passed(Backend(f["backend"]), _buffer(f["buffer"]))
     assert set(f) == {field.name for field in dataclasses.fields(message)}
     return message
 
@@ -102,6 +154,32 @@ def test_vectors_cover_the_protocol() -> None:
     assert any(m.index and len(m.buffers) > 1 for m in parts)
     plane_counts = {len(b.planes) for m in parts for b in m.buffers}
     assert {1, 2, 3} <= plane_counts
+    shares = [m for m in messages if isinstance(m, Share)]
+    assert any(m.once and len(m.uids) > 1 for m in shares)
+    assert any(not m.once and not m.uids for m in shares)
+    queried = [m for m in messages if isinstance(m, Queried)]
+    assert {m.backend for m in queried} == set(Backend)
+    assert any(m.quota_buffers and m.quota_bytes and m.used_buffers for m in queried)
+    assert any(not m.quota_buffers and not m.quota_bytes for m in queried)
+    assert {len(f.cpp) for m in queried for f in m.formats} >= {1, 2, 3}
+    assert all(m.modifiers == (0,) for m in queried)
+    # A token travels as it was handed out: the one SHARED gives is the one opened and revoked.
+    tokens = {m.token for m in messages if isinstance(m, Shared | OpenShared | Revoke)}
+    assert len(tokens) == 1
+    assert all(len(t) == schema.TOKEN_SIZE for t in tokens)
+
+
+def test_directions() -> None:
+    peers = [e for e in INDEX if e["direction"] == "peer"]
+    assert peers
+    assert all((e["serial"], e["nfds"]) == (0, 1) for e in peers)
+    tables: dict[str, set[int]] = {
+        "request": set(protocol.REQUESTS),
+        "reply": set(protocol.REPLIES),
+        "peer": set(protocol.PEER),
+    }
+    for entry in INDEX:
+        assert entry["opcode"] in tables[entry["direction"]], entry["name"]
 
 
 @each_vector
@@ -139,6 +217,40 @@ def test_schema_parses_and_rebuilds(entry: dict[str, Any], parser: Any) -> None:
 @each_vector
 def test_documented(entry: dict[str, Any]) -> None:
     assert f"`{entry['file']}`" in (ROOT / "protocol" / "PROTOCOL.md").read_text("utf-8")
+
+
+_DUMP = re.compile(r"`(\w+\.bin)` \((\d+) bytes")
+_HEX = re.compile(r"[0-9a-f]{2}")
+
+
+def _dumps() -> dict[str, tuple[int, bytes]]:
+    """PROTOCOL.md's byte-by-byte examples: file -> (length said, bytes shown).
+
+    An example is a paragraph that names the file and its length, then an indented block
+    whose lines start with the bytes in hex, then say what they are.
+    """
+    lines = (ROOT / "protocol" / "PROTOCOL.md").read_text("utf-8").splitlines()
+    found = {}
+    for number, line in enumerate(lines):
+        if not (start := _DUMP.search(line)):
+            continue
+        rows = itertools.dropwhile(lambda row: not row.startswith("    "), lines[number + 1 :])
+        shown = bytearray()
+        for row in itertools.takewhile(lambda row: row.startswith("    "), rows):
+            for word in row.split():
+                if not _HEX.fullmatch(word):
+                    break
+                shown.append(int(word, 16))
+        found[start[1]] = (int(start[2]), bytes(shown))
+    return found
+
+
+def test_byte_by_byte_examples() -> None:
+    dumps = _dumps()
+    assert len(dumps) >= 4
+    for file, (length, shown) in dumps.items():
+        data = (FOLDER / file).read_bytes()
+        assert (length, shown) == (len(data), data), file
 
 
 def test_make_vectors_check() -> None:

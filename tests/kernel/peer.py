@@ -1,9 +1,11 @@
 """A second client process for the kernel tier.
 
-It inherits a dma-buf fd, imports it on a DRM node of its own, exports the GEM
-handle again and maps that, so what it reads went through the import. It prints
-one JSON object: the handle, whether the re-export is the same dma-buf, the
-SHA-256 of the pixels, or the errno of a failed import.
+It gets a dma-buf fd (inherited with --fd, received over an inherited socket
+with --channel, or opened from the daemon with --token and --socket), imports
+it on a DRM node of its own, exports the GEM handle again and maps that, so
+what it reads went through the import. It prints one JSON object: the handle,
+whether the re-export is the same dma-buf, the SHA-256 of the pixels, or the
+errno of a failed import.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import hashlib
 import json
 import os
 import random
+import socket
 
+import primed
 from primed import drm
 from primed.buffer import Mapping
 from primed.device import Device
@@ -22,13 +26,27 @@ from primed.errors import KernelError
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fd", type=int, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--fd", type=int, help="an inherited dma-buf fd")
+    source.add_argument("--channel", type=int, help="an inherited socket to recv_buffer() from")
+    source.add_argument("--token", help="a share token to open (with --socket)")
+    parser.add_argument("--socket", help="the daemon's socket")
     parser.add_argument("--node", required=True)
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument(
         "--write-seed", type=int, help="then overwrite the pixels with this pattern"
     )
     args = parser.parse_args()
+    if args.channel is not None:
+        with socket.socket(fileno=args.channel) as channel:
+            args.fd = primed.recv_buffer(channel).detach()
+    elif args.token is not None:
+        with primed.connect(args.socket, name="peer") as client:
+            try:
+                args.fd = client.open_shared(args.token).detach()
+            except primed.ServerError as e:
+                print(json.dumps({"error": e.code.name}))
+                return
     with Device(args.node) as device:
         try:
             imported = device.import_buffer(args.fd)

@@ -1,0 +1,254 @@
+"""The floor: primed's work done with no daemon framework at all.
+
+The same kernel calls as primed's backends (memfd_create, ftruncate and seals,
+or CREATE_DUMB and PRIME export), the same SCM_RIGHTS passing over the same
+kind of socket, the same import on the client's side; but struct-packed
+messages of fixed size, no validation beyond what struct does, no event loop,
+no objects per buffer. Whatever primed costs beyond these figures is its own.
+
+Run as a server: ``python -m benchmarks.floor --socket PATH --backend memfd``
+(or ``--backend drm --device /dev/dri/cardN``), ``--mode blocking`` serving one
+connection at a time with plain blocking calls, or ``--mode epoll`` serving
+many at once from one epoll loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import fcntl
+import mmap
+import os
+import resource
+import selectors
+import socket
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from primed import drm
+
+#: op, width, height, id (or count for HOLD)
+REQUEST = struct.Struct("<IIIQ")
+#: status, pitch, id, size
+REPLY = struct.Struct("<IIQQ")
+ALLOCATE, RELEASE, HOLD = 1, 2, 3
+_FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class Kernel(Protocol):
+    """Where the floor's buffers come from: (ref, size, pitch), an fd per export, a free."""
+
+    def allocate(self, width: int, height: int) -> tuple[int, int, int]: ...
+    def export(self, ref: int) -> int: ...
+    def free(self, ref: int) -> None: ...
+
+
+class MemfdKernel:
+    def allocate(self, width: int, height: int) -> tuple[int, int, int]:
+        size = -(-width * 4 * height // mmap.PAGESIZE) * mmap.PAGESIZE
+        fd = os.memfd_create("floor", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        return fd, size, width * 4
+
+    def export(self, ref: int) -> int:
+        return os.dup(ref)
+
+    def free(self, ref: int) -> None:
+        os.close(ref)
+
+
+class DumbKernel:
+    def __init__(self, card: str):
+        self.fd = os.open(card, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(self.fd, drm.DRM_IOCTL_DROP_MASTER)
+        except OSError:
+            pass
+
+    def allocate(self, width: int, height: int) -> tuple[int, int, int]:
+        arg = bytearray(drm.drm_mode_create_dumb.pack(height, width, 32, 0, 0, 0, 0))
+        fcntl.ioctl(self.fd, drm.DRM_IOCTL_MODE_CREATE_DUMB, arg)
+        _, _, _, _, handle, pitch, size = drm.drm_mode_create_dumb.unpack(arg)
+        return handle, size, pitch
+
+    def export(self, ref: int) -> int:
+        arg = bytearray(drm.drm_prime_handle.pack(ref, os.O_RDWR | os.O_CLOEXEC, -1))
+        fcntl.ioctl(self.fd, drm.DRM_IOCTL_PRIME_HANDLE_TO_FD, arg)
+        return int(drm.drm_prime_handle.unpack(arg)[2])
+
+    def free(self, ref: int) -> None:
+        fcntl.ioctl(self.fd, drm.DRM_IOCTL_MODE_DESTROY_DUMB, drm.drm_mode_destroy_dumb.pack(ref))
+
+
+def importer(render: str | None) -> Callable[[int, int], None]:
+    """What a client does with a received fd: with a render node, PRIME import and
+    GEM_CLOSE; without one (memfd), map it and unmap it."""
+    if render is None:
+
+        def cpu_map(fd: int, size: int) -> None:
+            mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
+
+        return cpu_map
+    node = os.open(render, os.O_RDWR | os.O_CLOEXEC)
+
+    def prime_import(fd: int, size: int) -> None:
+        arg = bytearray(drm.drm_prime_handle.pack(0, 0, fd))
+        fcntl.ioctl(node, drm.DRM_IOCTL_PRIME_FD_TO_HANDLE, arg)
+        handle = drm.drm_prime_handle.unpack(arg)[0]
+        fcntl.ioctl(node, drm.DRM_IOCTL_GEM_CLOSE, drm.drm_gem_close.pack(handle, 0))
+
+    return prime_import
+
+
+def in_process(kernel: Kernel, use: Callable[[int, int], None], width: int, height: int) -> None:
+    """One allocate, export, import, close and free with no socket at all."""
+    ref, size, _ = kernel.allocate(width, height)
+    fd = kernel.export(ref)
+    use(fd, size)
+    os.close(fd)
+    kernel.free(ref)
+
+
+class _Conn:
+    __slots__ = ("buffers", "next_id", "sock")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffers: dict[int, int] = {}
+        self.next_id = 1
+
+
+def _handle(conn: _Conn, kernel: Kernel) -> bool:
+    """Serve one request; False at end of stream."""
+    data = conn.sock.recv(REQUEST.size)
+    if not data:
+        return False
+    op, width, height, ident = REQUEST.unpack(data)
+    if op == ALLOCATE:
+        ref, size, pitch = kernel.allocate(width, height)
+        ident = conn.next_id
+        conn.next_id += 1
+        conn.buffers[ident] = ref
+        fd = kernel.export(ref)
+        try:
+            conn.sock.sendmsg(
+                [REPLY.pack(0, pitch, ident, size)],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,)))],
+            )
+        finally:
+            os.close(fd)
+    elif op == RELEASE:
+        kernel.free(conn.buffers.pop(ident))
+        conn.sock.send(REPLY.pack(0, 0, ident, 0))
+    elif op == HOLD:
+        for _ in range(ident):
+            conn.buffers[conn.next_id] = kernel.allocate(width, height)[0]
+            conn.next_id += 1
+        conn.sock.send(REPLY.pack(0, 0, 0, 0))
+    return True
+
+
+def _close(conn: _Conn, kernel: Kernel) -> None:
+    for ref in conn.buffers.values():
+        kernel.free(ref)
+    conn.sock.close()
+
+
+def serve_blocking(listener: socket.socket, kernel: Kernel) -> None:
+    """One connection at a time, every call blocking."""
+    while True:
+        sock, _ = listener.accept()
+        conn = _Conn(sock)
+        try:
+            while _handle(conn, kernel):
+                pass
+        except OSError:
+            pass
+        _close(conn, kernel)
+
+
+def serve_epoll(listener: socket.socket, kernel: Kernel) -> None:
+    """Every connection at once: one request per readable socket per turn of the loop."""
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is listener:
+                sock, _ = listener.accept()
+                selector.register(sock, selectors.EVENT_READ, _Conn(sock))
+                continue
+            conn: _Conn = key.data
+            try:
+                alive = _handle(conn, kernel)
+            except OSError:
+                alive = False
+            if not alive:
+                selector.unregister(conn.sock)
+                _close(conn, kernel)
+
+
+class Client:
+    """The floor's client: one blocking socket, one request at a time (or a window)."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.connect(path)
+
+    def send_allocate(self, width: int, height: int) -> None:
+        self.sock.send(REQUEST.pack(ALLOCATE, width, height, 0))
+
+    def receive_allocated(self) -> tuple[int, int, int]:
+        """(id, fd, size) of the next Allocate's answer."""
+        data, ancdata, _, _ = self.sock.recvmsg(REPLY.size, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        _, _, ident, size = REPLY.unpack(data)
+        return ident, int.from_bytes(ancdata[0][2][:4], "little"), size
+
+    def allocate(self, width: int, height: int) -> tuple[int, int, int]:
+        self.send_allocate(width, height)
+        return self.receive_allocated()
+
+    def send_release(self, ident: int) -> None:
+        self.sock.send(REQUEST.pack(RELEASE, 0, 0, ident))
+
+    def receive_released(self) -> None:
+        self.sock.recv(REPLY.size)
+
+    def release(self, ident: int) -> None:
+        self.send_release(ident)
+        self.receive_released()
+
+    def hold(self, width: int, height: int, count: int) -> None:
+        """Have the server keep ``count`` more buffers for this connection."""
+        self.sock.send(REQUEST.pack(HOLD, width, height, count))
+        self.sock.recv(REPLY.size)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one, as primed does."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.floor")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--backend", choices=["memfd", "drm"], default="memfd")
+    parser.add_argument("--device")
+    parser.add_argument("--mode", choices=["blocking", "epoll"], default="blocking")
+    args = parser.parse_args()
+    raise_nofile()
+    kernel: Kernel = MemfdKernel() if args.backend == "memfd" else DumbKernel(args.device)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    listener.bind(args.socket)
+    listener.listen(512)
+    (serve_blocking if args.mode == "blocking" else serve_epoll)(listener, kernel)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import mmap
 import os
+import time
 from typing import Protocol
 
 from primed import drm
@@ -30,6 +31,7 @@ class Allocation:
     planes: tuple[tuple[int, int], ...]  #: (offset, pitch) of each plane
     ref: int  #: the GEM handle (DRM) or the memfd (memfd) that keeps it alive
     modifier: int = MOD_LINEAR
+    born: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class BufferSource(Protocol):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 import trio
@@ -15,8 +17,9 @@ from primed.backends import BufferSource, DumbBackend, MemfdBackend, find_dumb_n
 from primed.config import DEFAULT_PATH as DEFAULT_CONFIG
 from primed.connection import DEFAULT_SOCKET
 from primed.device import Device, Import
-from primed.errors import PrimedError
+from primed.errors import ErrorCode, PrimedError
 from primed.io.blocking import connect
+from primed.schema import Opcode
 
 log = logging.getLogger("primed")
 
@@ -74,6 +77,21 @@ def _parser() -> argparse.ArgumentParser:
 
     devices = commands.add_parser("devices", help="list DRM nodes and their drivers")
     devices.add_argument("--json", action="store_true")
+
+    listing = commands.add_parser(
+        "list", help="live clients and buffers (all for root and the admin group, else yours)"
+    )
+    listing.add_argument("--socket", help=socket_help)
+    listing.add_argument("--json", action="store_true")
+
+    stats = commands.add_parser("stats", help="the daemon's counters and totals")
+    stats.add_argument("--socket", help=socket_help)
+    stats.add_argument("--json", action="store_true")
+
+    dump = commands.add_parser("dump", help="write a buffer's pixels as a PNG")
+    dump.add_argument("target", metavar="BUFFER_OR_TOKEN", help="a share token, or CLIENT:ID")
+    dump.add_argument("--png", required=True, metavar="FILE")
+    dump.add_argument("--socket", help=socket_help)
     return parser
 
 
@@ -209,9 +227,112 @@ def _devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ms_ago(ms: int) -> str:
+    seconds = ms // 1000
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def _list(args: argparse.Namespace) -> int:
+    with connect(args.socket, name="primed list") as client:
+        clients, buffers = client.clients(), client.buffers()
+    now_ms = int(time.time() * 1000)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "clients": [dataclasses.asdict(c) for c in clients],
+                    "buffers": [
+                        {**dataclasses.asdict(b), "format": formats.fourcc_str(b.fourcc)}
+                        for b in buffers
+                    ],
+                }
+            )
+        )
+        return 0
+    print(
+        f"{'CLIENT':>6} {'PID':>7} {'UID':>6} {'BUFFERS':>7} {'BYTES':>12} {'CONNECTED':>10}  NAME"
+    )
+    for c in clients:
+        print(
+            f"{c.number:>6} {c.pid:>7} {c.uid:>6} {c.buffers:>7} {c.held_bytes:>12} "
+            f"{_ms_ago(now_ms - c.since_ms):>10}  {c.name}"
+        )
+    print()
+    print(f"{'BUFFER':>10} {'SIZE':>11} {'FORMAT':>6} {'BYTES':>12} {'AGE':>10} {'TOKENS':>6}")
+    for b in buffers:
+        size = f"{b.width}x{b.height}"
+        print(
+            f"{f'{b.client}:{b.id}':>10} {size:>11} {formats.fourcc_str(b.fourcc):>6} "
+            f"{b.size:>12} {_ms_ago(b.age_ms):>10} {b.tokens:>6}"
+        )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with connect(args.socket, name="primed stats") as client:
+        stats = client.stats()
+    names = (
+        {op.value: op.name for op in Opcode},
+        {code.value: code.name for code in ErrorCode},
+        {1: "bad_messages", 2: "refused"},
+    )
+    requests, errors, events = (
+        {names[i].get(k, str(k)): n for kind, k, n in stats.counters if kind == i + 1}
+        for i in range(3)
+    )
+    summary = {
+        "uptime_s": stats.uptime_ms / 1000,
+        "clients": stats.clients,
+        "buffers": stats.buffers,
+        "bytes": stats.held_bytes,
+        "tokens": stats.tokens,
+        "requests": requests,
+        "errors": errors,
+        **events,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"uptime:  {_ms_ago(stats.uptime_ms)}")
+    print(
+        f"held:    {stats.clients} client(s), {stats.buffers} buffer(s), {stats.held_bytes} bytes"
+    )
+    print(f"tokens:  {stats.tokens}")
+    print("requests: " + (", ".join(f"{k} {v}" for k, v in requests.items()) or "none"))
+    print("errors:   " + (", ".join(f"{k} {v}" for k, v in errors.items()) or "none"))
+    print("events:   " + ", ".join(f"{k} {v}" for k, v in events.items()))
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from primed import png
+
+    with connect(args.socket, name="primed dump") as client:
+        client_number, sep, ident = args.target.partition(":")
+        if sep:
+            buffer = client.open_buffer(int(client_number), int(ident))
+        else:
+            buffer = client.open_shared(args.target)
+    with buffer, buffer.map(write=False) as pixels:
+        planes = tuple((p.offset, p.pitch) for p in buffer.planes)
+        image = png.from_pixels(pixels, buffer.width, buffer.height, buffer.fourcc, planes)
+    with open(args.png, "wb") as out:
+        out.write(image)
+    print(f"wrote {args.png}: {buffer.width}x{buffer.height} {buffer.format}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"serve": _serve, "info": _info, "alloc": _alloc, "devices": _devices}[args.command]
+    handler = {
+        "serve": _serve,
+        "info": _info,
+        "alloc": _alloc,
+        "devices": _devices,
+        "list": _list,
+        "stats": _stats,
+        "dump": _dump,
+    }[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -23,10 +23,12 @@ from primed.protocol import (
     BufferInfo,
     Error,
     FormatInfo,
+    Listed,
     Queried,
     Released,
     Revoked,
     Shared,
+    Statistics,
     Welcome,
 )
 from primed.schema import TOKEN_SIZE, VERSION, Backend
@@ -122,8 +124,9 @@ def buffer_from(info: BufferInfo, fd: int, backend: Backend) -> Buffer:
 
 
 #: What a completed request gives: Hello a ServerInfo, Allocate and OpenShared a
-#: list of Buffers, Release a count, Share a token (hex), Revoke None, Query an Offer.
-Result = ServerInfo | list[Buffer] | int | str | Offer | ServerError | None
+#: list of Buffers, Release a count, Share a token (hex), Revoke None, Query an Offer,
+#: List a page (Listed), Stats the counters (Statistics).
+Result = ServerInfo | list[Buffer] | int | str | Offer | Listed | Statistics | ServerError | None
 
 
 class ClientConnection:
@@ -176,6 +179,18 @@ class ClientConnection:
         serial = self._next()
         return serial, protocol.encode(protocol.Query(), serial)
 
+    def list_page(self, what: int, start: int) -> tuple[int, bytes]:
+        serial = self._next()
+        return serial, protocol.encode(protocol.List(what, start), serial)
+
+    def stats(self) -> tuple[int, bytes]:
+        serial = self._next()
+        return serial, protocol.encode(protocol.Stats(), serial)
+
+    def open_buffer(self, client: int, ident: int) -> tuple[int, bytes]:
+        serial = self._next()
+        return serial, protocol.encode(protocol.OpenBuffer(client, ident), serial)
+
     def receive(self, data: bytes, fds: list[int]) -> tuple[int, Result] | None:
         """Digest one datagram; returns ``(serial, result)`` once a reply is complete.
 
@@ -213,6 +228,8 @@ class ClientConnection:
             return serial, reply.token.hex()
         if isinstance(reply, Revoked):
             return serial, None
+        if isinstance(reply, Listed | Statistics):
+            return serial, reply
         if isinstance(reply, Queried):
             limits = Limits(reply.max_width, reply.max_height, reply.max_size, reply.max_count)
             return serial, Offer(

@@ -12,6 +12,7 @@ equal for NV12's UV), so that a single pitch describes the whole buffer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 #: DRM_FORMAT_MOD_LINEAR: the only modifier a dumb buffer can have.
 MOD_LINEAR = 0
@@ -44,10 +45,10 @@ class Format:
     cpp: tuple[int, ...]  #: bytes per pixel (per sample group) of each plane
     hsub: int = 1  #: horizontal subsampling of the chroma planes (and of YUYV's pairs)
     vsub: int = 1  #: vertical subsampling of the chroma planes
+    fourcc: int = dataclasses.field(init=False, repr=False, compare=False)  #: of ``code``
 
-    @property
-    def fourcc(self) -> int:
-        return fourcc(self.code)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fourcc", fourcc(self.code))
 
     @property
     def planes(self) -> int:
@@ -189,8 +190,13 @@ def layout(fmt: Format, width: int, height: int, pitch0: int | None = None) -> L
     return Layout(tuple(planes), offset)
 
 
+@functools.lru_cache(maxsize=256)
 def plan(fmt: Format, width: int, height: int, limits: Limits) -> Layout:
-    """check() and layout() with the default pitch, and the size held to ``limits``."""
+    """check() and layout() with the default pitch, and the size held to ``limits``.
+
+    Results are cached (refusals are not): the daemon plans each request twice,
+    and clients ask for few distinct sizes.
+    """
     check(fmt, width, height, limits)
     result = layout(fmt, width, height)
     if result.size > limits.max_size:

@@ -80,6 +80,19 @@ class _Body:
             )
 
 
+def _fixed(head: schema.Fixed, body: bytes, serial: int, name: str) -> tuple[int, ...]:
+    """The values of a body that is one fixed head and nothing more, checked as _Body does."""
+    if len(body) != head.size:
+        _Body(head, body, serial, name).finish(name)  # raises, saying what is wrong
+    values = head.packer.unpack(body)
+    for position, required in head.consts:
+        if values[position] != required:
+            raise RemoteProtocolError(
+                f"{name}: field {head.names[position]} must be {required}", serial=serial
+            )
+    return values
+
+
 class Message:
     """Base of every message. ``nfds`` is how many fds travel with it."""
 
@@ -148,9 +161,7 @@ class Allocate(Request):
 
     @classmethod
     def _parse(cls, body: bytes, serial: int) -> Self:
-        parts = _Body(cls._HEAD, body, serial, "ALLOCATE")
-        parts.finish("ALLOCATE")
-        return cls(*parts.values)
+        return cls(*_fixed(cls._HEAD, body, serial, "ALLOCATE"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -272,29 +283,36 @@ class BufferInfo:
     _RECORD: ClassVar[schema.Fixed] = schema.fixed(schema.BUFFER)
 
     def _pack(self) -> bytes:
-        if not 1 <= len(self.planes) <= 4:
-            raise LocalProtocolError(f"a buffer has 1 to 4 planes, not {len(self.planes)}")
-        flat = [value for plane in self.planes for value in plane]
-        flat += [0] * (8 - len(flat))
+        nplanes = len(self.planes)
+        if not 1 <= nplanes <= 4:
+            raise LocalProtocolError(f"a buffer has 1 to 4 planes, not {nplanes}")
         return self._RECORD.packer.pack(
             self.id,
             self.width,
             self.height,
             self.fourcc,
-            len(self.planes),
+            nplanes,
             self.modifier,
             self.size,
-            *flat,
+            *[value for plane in self.planes for value in plane],
+            *_UNUSED_PLANES[nplanes],
         )
 
     @classmethod
     def _unpack(cls, values: tuple[int, ...], serial: int) -> BufferInfo:
         ident, width, height, fourcc, nplanes, modifier, size = values[:7]
-        flat = values[7:]
-        if not 1 <= nplanes <= 4 or any(flat[2 * nplanes :]):
+        used = 7 + 2 * nplanes
+        if not 1 <= nplanes <= 4 or any(values[used:]):
             raise RemoteProtocolError(f"ALLOCATED: bad plane count {nplanes}", serial=serial)
-        planes = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(nplanes))
+        if nplanes == 1:
+            planes: tuple[tuple[int, int], ...] = ((values[7], values[8]),)
+        else:
+            planes = tuple(zip(values[7:used:2], values[8:used:2], strict=True))
         return cls(ident, width, height, fourcc, modifier, size, planes)
+
+
+#: The zero (offset, pitch) pairs after a record's last plane, by plane count.
+_UNUSED_PLANES = [(0,) * (8 - 2 * n) for n in range(5)]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -330,9 +348,8 @@ class Allocated(Reply):
         record = BufferInfo._RECORD
         raw = parts.take(record.size * count)
         parts.finish("ALLOCATED")
-        buffers = tuple(
-            BufferInfo._unpack(values, serial) for values in record.packer.iter_unpack(raw)
-        )
+        unpack = BufferInfo._unpack
+        buffers = tuple([unpack(values, serial) for values in record.packer.iter_unpack(raw)])
         return cls(total, index, buffers)
 
 
@@ -349,9 +366,7 @@ class Released(Reply):
 
     @classmethod
     def _parse(cls, body: bytes, serial: int) -> Self:
-        parts = _Body(cls._HEAD, body, serial, "RELEASED")
-        parts.finish("RELEASED")
-        return cls(parts.values[0])
+        return cls(_fixed(cls._HEAD, body, serial, "RELEASED")[0])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -551,6 +566,200 @@ class Queried(Reply):
         )  # fmt: skip
 
 
+#: LIST's ``what``.
+LIST_CLIENTS = 1
+LIST_BUFFERS = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class List(Request):
+    """One page of the clients (``what`` 1) or buffers (2) this client may see."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.LIST
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.LIST_HEAD)
+    what: int
+    start: int = 0
+
+    def _body(self) -> bytes:
+        return self._HEAD.packer.pack(self.what, 0, self.start)
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, "LIST")
+        what, _, start = parts.values
+        parts.finish("LIST")
+        return cls(what, start)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stats(_EmptyMessage, Request):
+    """Ask for the daemon's counters."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.STATS
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenBuffer(Request):
+    """Receive buffer ``id`` of client ``client`` (root or the admin group only)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.OPEN_BUFFER
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.OPEN_BUFFER_HEAD)
+    client: int
+    id: int
+
+    def _body(self) -> bytes:
+        return self._HEAD.packer.pack(self.client, 0, self.id)
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, "OPEN_BUFFER")
+        client, _, ident = parts.values
+        parts.finish("OPEN_BUFFER")
+        return cls(client, ident)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientEntry:
+    """A connected client, as LIST shows it."""
+
+    number: int
+    pid: int
+    uid: int
+    gid: int
+    since_ms: int
+    buffers: int
+    held_bytes: int
+    name: str
+
+    _RECORD: ClassVar[schema.Fixed] = schema.fixed(schema.CLIENT_ENTRY)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BufferEntry:
+    """A live buffer, as LIST shows it."""
+
+    client: int
+    id: int
+    width: int
+    height: int
+    fourcc: int
+    size: int
+    age_ms: int
+    tokens: int
+
+    _RECORD: ClassVar[schema.Fixed] = schema.fixed(schema.BUFFER_ENTRY)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Listed(Reply):
+    """One page of a LIST: ``entries``, and where the next page starts (0: none)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.LISTED
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.LISTED_HEAD)
+    what: int
+    next: int
+    entries: tuple[ClientEntry, ...] | tuple[BufferEntry, ...]
+
+    def _body(self) -> bytes:
+        out = [self._HEAD.packer.pack(self.what, len(self.entries), self.next)]
+        for entry in self.entries:
+            if isinstance(entry, ClientEntry) and self.what == LIST_CLIENTS:
+                name = _raw(entry.name, "client name", MAX_NAME)
+                out.append(
+                    entry._RECORD.packer.pack(
+                        entry.number, entry.pid, entry.uid, entry.gid, entry.since_ms,
+                        entry.buffers, len(name), 0, entry.held_bytes,
+                    )
+                    + name
+                )  # fmt: skip
+            elif isinstance(entry, BufferEntry) and self.what == LIST_BUFFERS:
+                out.append(
+                    entry._RECORD.packer.pack(
+                        entry.client, entry.tokens, entry.id, entry.width, entry.height,
+                        entry.fourcc, 0, entry.size, entry.age_ms,
+                    )
+                )  # fmt: skip
+            else:
+                raise LocalProtocolError(f"LISTED of kind {self.what} holds {entry!r}")
+        return b"".join(out)
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, "LISTED")
+        what, count, following = parts.values
+        if what == LIST_CLIENTS:
+            clients = []
+            record = ClientEntry._RECORD
+            for _ in range(count):
+                raw = parts.take(record.size)
+                if len(raw) != record.size:
+                    raise RemoteProtocolError("LISTED: entry cut short", serial=serial)
+                number, pid, uid, gid, since, buffers, name_len, reserved, nbytes = (
+                    record.packer.unpack(raw)
+                )
+                if reserved or name_len > MAX_NAME:
+                    raise RemoteProtocolError("LISTED: bad client entry", serial=serial)
+                name = _text(parts.take(name_len), "LISTED name", serial)
+                clients.append(ClientEntry(number, pid, uid, gid, since, buffers, nbytes, name))
+            parts.finish("LISTED")
+            return cls(what, following, tuple(clients))
+        if what == LIST_BUFFERS:
+            record = BufferEntry._RECORD
+            raw = parts.take(record.size * count)
+            parts.finish("LISTED")
+            buffers = []
+            for values in record.packer.iter_unpack(raw):
+                client, tokens, ident, width, height, fourcc, reserved, size, age = values
+                if reserved:
+                    raise RemoteProtocolError("LISTED: bad buffer entry", serial=serial)
+                buffers.append(BufferEntry(client, ident, width, height, fourcc, size, age, tokens))
+            return cls(what, following, tuple(buffers))
+        raise RemoteProtocolError(f"LISTED: unknown kind {what}", serial=serial)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Statistics(Reply):
+    """The answer to Stats. ``counters`` maps (kind, key) to a count: kind 1 requests
+    by opcode, 2 errors by code, 3 events (1 bad messages, 2 refused connections)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.STATISTICS
+    _HEAD: ClassVar[schema.Fixed] = schema.fixed(schema.STATISTICS_HEAD)
+    _COUNTER: ClassVar[schema.Fixed] = schema.fixed(schema.COUNTER)
+    uptime_ms: int
+    clients: int
+    buffers: int
+    held_bytes: int
+    tokens: int
+    counters: tuple[tuple[int, int, int], ...]  #: (kind, key, count)
+
+    def _body(self) -> bytes:
+        head = self._HEAD.packer.pack(
+            self.uptime_ms,
+            self.clients,
+            self.buffers,
+            self.held_bytes,
+            self.tokens,
+            len(self.counters),
+        )
+        return head + b"".join(
+            self._COUNTER.packer.pack(kind, key, 0, count) for kind, key, count in self.counters
+        )
+
+    @classmethod
+    def _parse(cls, body: bytes, serial: int) -> Self:
+        parts = _Body(cls._HEAD, body, serial, "STATISTICS")
+        uptime, clients, buffers, nbytes, tokens, ncounters = parts.values
+        record = cls._COUNTER
+        raw = parts.take(record.size * ncounters)
+        parts.finish("STATISTICS")
+        counters = []
+        for kind, key, reserved, count in record.packer.iter_unpack(raw):
+            if reserved:
+                raise RemoteProtocolError("STATISTICS: bad counter", serial=serial)
+            counters.append((kind, key, count))
+        return cls(uptime, clients, buffers, nbytes, tokens, tuple(counters))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Passed(Message):
     """One buffer sent from peer to peer (primed.send_buffer), its fd attached."""
@@ -583,11 +792,15 @@ class Passed(Message):
 
 
 REQUESTS: dict[int, type[Request]] = {
-    c.OPCODE: c for c in (Hello, Allocate, Release, Share, OpenShared, Revoke, Query)
+    c.OPCODE: c
+    for c in (Hello, Allocate, Release, Share, OpenShared, Revoke, Query, List, Stats, OpenBuffer)
 }
 REPLIES: dict[int, type[Reply]] = {
-    c.OPCODE: c for c in (Error, Welcome, Allocated, Released, Shared, Revoked, Queried)
-}
+    c.OPCODE: c
+    for c in (
+        Error, Welcome, Allocated, Released, Shared, Revoked, Queried, Listed, Statistics,
+    )
+}  # fmt: skip
 PEER: dict[int, type[Message]] = {Passed.OPCODE: Passed}
 
 

@@ -70,6 +70,12 @@ class Opcode(enum.IntEnum):
     REVOKE = 0x0006
     #: Client -> server: what the server offers (formats, modifiers, limits, our quota use).
     QUERY = 0x0007
+    #: Client -> server: one page of the live clients or buffers this client may see.
+    LIST = 0x0008
+    #: Client -> server: the daemon's counters.
+    STATS = 0x0009
+    #: Client -> server, root or the admin group only: receive any client's buffer by id.
+    OPEN_BUFFER = 0x000A
     #: Peer -> peer, never to or from the daemon: one buffer passed directly. Carries one fd.
     BUFFER = 0x0100
     #: Server -> client: a request failed. Carries no fds.
@@ -86,6 +92,10 @@ class Opcode(enum.IntEnum):
     REVOKED = 0x8005
     #: Server -> client: answer to QUERY.
     QUERIED = 0x8006
+    #: Server -> client: answer to LIST.
+    LISTED = 0x8007
+    #: Server -> client: answer to STATS.
+    STATISTICS = 0x8008
 
 
 class Backend(enum.IntEnum):
@@ -208,6 +218,59 @@ FORMAT = Struct(
     "cpp2" / Int8ul,
     "cpp3" / Int8ul,
 )
+LIST_HEAD = Struct(
+    "what" / Int16ul,  # 1: clients, 2: buffers
+    "reserved" / Const(0, Int16ul),
+    "start" / Int32ul,  # 0, then the previous page's "next"
+)
+OPEN_BUFFER_HEAD = Struct(
+    "client" / Int32ul,  # the owner's client number, as LIST shows it
+    "reserved" / Const(0, Int32ul),
+    "id" / Int64ul,
+)
+LISTED_HEAD = Struct(
+    "what" / Int16ul,
+    "count" / Int16ul,  # entries in this page
+    "next" / Int32ul,  # where the next page starts; 0: this was the last
+)
+CLIENT_ENTRY = Struct(
+    "number" / Int32ul,
+    "pid" / Int32sl,
+    "uid" / Int32ul,
+    "gid" / Int32ul,
+    "since_ms" / Int64ul,  # connect time, milliseconds since the Unix epoch
+    "buffers" / Int32ul,
+    "name_len" / Int16ul,  # the name's bytes follow the entry
+    "reserved" / Const(0, Int16ul),
+    "bytes" / Int64ul,
+)
+BUFFER_ENTRY = Struct(
+    "client" / Int32ul,  # the owner's client number
+    "tokens" / Int32ul,  # live share tokens
+    "id" / Int64ul,
+    "width" / Int32ul,
+    "height" / Int32ul,
+    "fourcc" / Int32ul,
+    "reserved" / Const(0, Int32ul),
+    "size" / Int64ul,
+    "age_ms" / Int64ul,
+)
+STATISTICS_HEAD = Struct(
+    "uptime_ms" / Int64ul,
+    "clients" / Int32ul,
+    "buffers" / Int32ul,
+    "bytes" / Int64ul,
+    "tokens" / Int32ul,
+    "ncounters" / Int32ul,
+)
+# One counter of STATISTICS: requests by opcode (kind 1), errors by code (kind 2),
+# and events (kind 3: 1 bad messages, 2 refused connections).
+COUNTER = Struct(
+    "kind" / Int16ul,
+    "key" / Int16ul,
+    "reserved" / Const(0, Int32ul),
+    "count" / Int64ul,
+)
 # A buffer passed from peer to peer (BUFFER): where its fd came from, and its layout.
 PASSED_HEAD = Struct(
     "backend" / Int16ul,
@@ -243,6 +306,25 @@ BODIES: dict[Opcode, Any] = {
         "driver" / Bytes(this.driver_len),
         "node" / Bytes(this.node_len),
         Terminated,
+    ),
+    Opcode.LIST: Struct(*LIST_HEAD.subcons, Terminated),
+    Opcode.STATS: Struct(Terminated),
+    Opcode.OPEN_BUFFER: Struct(*OPEN_BUFFER_HEAD.subcons, Terminated),
+    Opcode.LISTED: Struct(
+        *LISTED_HEAD.subcons,
+        "entries"
+        / Array(
+            this.count,
+            Switch(
+                this.what,
+                {1: Struct(*CLIENT_ENTRY.subcons, "name" / Bytes(this.name_len)), 2: BUFFER_ENTRY},
+                default=Refuse,
+            ),
+        ),
+        Terminated,
+    ),
+    Opcode.STATISTICS: Struct(
+        *STATISTICS_HEAD.subcons, "counters" / Array(this.ncounters, COUNTER), Terminated
     ),
     Opcode.BUFFER: Struct(*PASSED_HEAD.subcons, "buffer" / BUFFER, Terminated),
 }

@@ -15,6 +15,7 @@ saying why); an unknown opcode gets an Error and the connection goes on.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import itertools
@@ -40,10 +41,15 @@ from primed.policy import Account, Ledger, Peer, Policy, QuotaExceeded
 from primed.protocol import (
     Allocate,
     Allocated,
+    BufferEntry,
     BufferInfo,
+    ClientEntry,
     Error,
     FormatInfo,
     Hello,
+    List,
+    Listed,
+    OpenBuffer,
     OpenShared,
     Queried,
     Query,
@@ -55,6 +61,8 @@ from primed.protocol import (
     Revoked,
     Share,
     Shared,
+    Statistics,
+    Stats,
     Welcome,
 )
 from primed.schema import MAX_FDS, MAX_MESSAGE, TOKEN_SIZE, VERSION
@@ -66,6 +74,9 @@ _PEERCRED = struct.Struct("3i")
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 #: Most live share tokens one client may hold.
 MAX_TOKENS = 1024
+#: Entries in one LISTED page: each fits in one datagram with room to spare.
+LIST_PAGE_CLIENTS = 200
+LIST_PAGE_BUFFERS = 1000
 #: The one answer to every token that can't be opened or revoked, whatever the reason.
 _NO_TOKEN = "no such token"
 #: What QUERY reports of the format table: it never changes while the daemon runs.
@@ -127,6 +138,9 @@ class Daemon:
         self.tokens: dict[bytes, _Token] = {}
         self._numbers = itertools.count(1)
         self.stats = {"requests": 0, "errors": 0, "bad_messages": 0, "refused": 0}
+        self.requests_by_opcode: collections.Counter[int] = collections.Counter()
+        self.errors_by_code: collections.Counter[int] = collections.Counter()
+        self.started = time.monotonic()
 
     @property
     def live_buffers(self) -> int:
@@ -240,6 +254,7 @@ class Daemon:
             except RemoteProtocolError as e:
                 await self._refuse(sock, session, e)
             self.stats["requests"] += 1
+            self.requests_by_opcode[request.OPCODE] += 1
             await self._dispatch(sock, session, serial, cast(Request, request))
 
     async def _refuse(
@@ -256,6 +271,8 @@ class Daemon:
     async def _send(
         self, sock: trio.socket.SocketType, reply: Reply, serial: int, fds: list[int] | None = None
     ) -> None:
+        if isinstance(reply, Error):
+            self.errors_by_code[reply.code] += 1
         await sock.sendmsg([protocol.encode(reply, serial)], fdpass.rights(fds or []))
 
     async def _fail(
@@ -291,6 +308,12 @@ class Daemon:
             await self._revoke(sock, session, serial, request)
         elif isinstance(request, Query):
             await self._query(sock, session, serial)
+        elif isinstance(request, List):
+            await self._list(sock, session, serial, request)
+        elif isinstance(request, Stats):
+            await self._stats(sock, serial)
+        elif isinstance(request, OpenBuffer):
+            await self._open_buffer(sock, session, serial, request)
         else:  # a request type decode() knows but this server does not handle
             await self._fail(sock, session, serial, ErrorCode.UNKNOWN_OPCODE, repr(request))
 
@@ -460,18 +483,24 @@ class Daemon:
         if entry is None or (entry.uids and session.uid not in entry.uids):
             await self._fail(sock, session, serial, ErrorCode.UNKNOWN_TOKEN, _NO_TOKEN)
             return
-        allocation = entry.owner.buffers[entry.id]
+        if await self._hand_over(sock, session, serial, entry.owner.buffers[entry.id]):
+            if entry.once:
+                self._forget(request.token)
+            log.debug("%s opened a buffer of %s", session, entry.owner)
+
+    async def _hand_over(
+        self, sock: trio.socket.SocketType, session: Session, serial: int, allocation: Allocation
+    ) -> bool:
+        """Send a fresh fd of someone else's buffer (as an ALLOCATED of one, id 0: it stays
+        its owner's). False if the export failed (the Error was sent)."""
         try:
             fd = self.backend.export(allocation)
         except KernelError as e:
             await self._fail(
                 sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
             )
-            return
+            return False
         try:
-            if entry.once:
-                self._forget(request.token)
-            # Id 0: the buffer stays its owner's; the opener holds only the fd.
             info = BufferInfo(
                 0,
                 allocation.width,
@@ -484,7 +513,7 @@ class Daemon:
             await self._send(sock, Allocated(1, 0, (info,)), serial, [fd])
         finally:
             os.close(fd)
-        log.debug("%s opened a buffer of %s", session, entry.owner)
+        return True
 
     async def _revoke(
         self, sock: trio.socket.SocketType, session: Session, serial: int, request: Revoke
@@ -530,6 +559,90 @@ class Daemon:
             used.bytes,
         )
         await self._send(sock, reply, serial)
+
+    def _sees_all(self, session: Session) -> bool:
+        """Root and the admin group see (and may open) every client's buffers."""
+        return session.uid == 0 or self.policy.is_admin(session.account.peer)
+
+    async def _list(
+        self, sock: trio.socket.SocketType, session: Session, serial: int, request: List
+    ) -> None:
+        visible = (
+            sorted(self.sessions, key=lambda s: s.number) if self._sees_all(session) else [session]
+        )
+        rows: list[ClientEntry] | list[BufferEntry]
+        if request.what == protocol.LIST_CLIENTS:
+            page = LIST_PAGE_CLIENTS
+            rows = [
+                ClientEntry(
+                    s.number, s.pid, s.uid, s.gid, int(s.since * 1000),
+                    s.account.own.buffers, s.account.own.bytes, s.name,
+                )
+                for s in visible
+            ]  # fmt: skip
+        elif request.what == protocol.LIST_BUFFERS:
+            page = LIST_PAGE_BUFFERS
+            now = time.monotonic()
+            rows = [
+                BufferEntry(
+                    s.number, ident, a.width, a.height, a.fourcc, a.size,
+                    int((now - a.born) * 1000), len(s.shares.get(ident, ())),
+                )
+                for s in visible
+                for ident, a in s.buffers.items()
+            ]  # fmt: skip
+        else:
+            await self._fail(
+                sock, session, serial, ErrorCode.INVALID_ARGUMENT, f"LIST of kind {request.what}"
+            )
+            return
+        end = request.start + page
+        following = end if end < len(rows) else 0
+        chunk = tuple(rows[request.start : end])
+        await self._send(sock, Listed(request.what, following, chunk), serial)  # type: ignore[arg-type]
+
+    async def _stats(self, sock: trio.socket.SocketType, serial: int) -> None:
+        counters = [
+            *((1, op, n) for op, n in sorted(self.requests_by_opcode.items())),
+            *((2, code, n) for code, n in sorted(self.errors_by_code.items())),
+            (3, 1, self.stats["bad_messages"]),
+            (3, 2, self.stats["refused"]),
+        ]
+        reply = Statistics(
+            int((time.monotonic() - self.started) * 1000),
+            len(self.sessions),
+            self.live_buffers,
+            sum(s.account.own.bytes for s in self.sessions),
+            len(self.tokens),
+            tuple(counters),
+        )
+        await self._send(sock, reply, serial)
+
+    async def _open_buffer(
+        self, sock: trio.socket.SocketType, session: Session, serial: int, request: OpenBuffer
+    ) -> None:
+        if not self._sees_all(session):
+            await self._fail(
+                sock,
+                session,
+                serial,
+                ErrorCode.PERMISSION_DENIED,
+                "only root and the admin group open other clients' buffers",
+            )
+            return
+        owner = next((s for s in self.sessions if s.number == request.client), None)
+        allocation = owner.buffers.get(request.id) if owner else None
+        if allocation is None:
+            await self._fail(
+                sock,
+                session,
+                serial,
+                ErrorCode.UNKNOWN_BUFFER,
+                f"no buffer {request.client}:{request.id}",
+            )
+            return
+        if await self._hand_over(sock, session, serial, allocation):
+            log.info("%s opened buffer %d of %s", session, request.id, owner)
 
     def _free(self, session: Session, allocation: Allocation) -> None:
         try:

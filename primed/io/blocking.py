@@ -7,7 +7,7 @@ import socket
 import sys
 from collections.abc import Iterable
 from types import TracebackType
-from typing import cast, overload
+from typing import Generic, TypeVar, cast, overload
 
 from primed import fdpass
 from primed.buffer import Buffer
@@ -21,13 +21,17 @@ from primed.connection import (
     unwrap,
 )
 from primed.errors import ConnectionLost
+from primed.protocol import LIST_BUFFERS, LIST_CLIENTS, BufferEntry, ClientEntry, Listed, Statistics
 
 
 def _default_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
-class Pending:
+T = TypeVar("T")
+
+
+class Pending(Generic[T]):
     """A request sent but not yet answered (see :meth:`Client.start_allocate`)."""
 
     __slots__ = ("_client", "_many", "serial")
@@ -37,15 +41,15 @@ class Pending:
         self._many = many
         self.serial = serial
 
-    def wait(self) -> Result | Buffer:
+    def wait(self) -> T:
         """Read replies until this one has come; return its result or raise its error.
 
         Replies to other pending requests that arrive first are kept for them.
         """
         result = self._client._wait(self.serial)
         if isinstance(result, list) and not self._many:
-            return result[0]
-        return result
+            return cast(T, result[0])
+        return cast(T, result)
 
 
 class Client:
@@ -90,19 +94,30 @@ class Client:
     def _call(self, serial: int, data: bytes) -> Result:
         return self._wait(self._send(serial, data))
 
+    @overload
+    def start_allocate(
+        self, width: int, height: int, format: str | int = ...
+    ) -> Pending[Buffer]: ...
+    @overload
+    def start_allocate(
+        self, width: int, height: int, format: str | int = ..., *, count: int
+    ) -> Pending[list[Buffer]]: ...
+
     def start_allocate(
         self, width: int, height: int, format: str | int = "XR24", *, count: int | None = None
-    ) -> Pending:
+    ) -> Pending[Buffer] | Pending[list[Buffer]]:
         """Send an Allocate and return at once; ``wait()`` gives what allocate() would."""
         request = self._conn.allocate(width, height, format, 1 if count is None else count)
-        return Pending(self, self._send(*request), many=count is not None)
+        if count is None:
+            return Pending[Buffer](self, self._send(*request), many=False)
+        return Pending[list[Buffer]](self, self._send(*request))
 
-    def start_release(self, *buffers: Buffer | int) -> Pending:
+    def start_release(self, *buffers: Buffer | int) -> Pending[int]:
         """Send a Release and return at once; ``wait()`` gives the count released.
 
         Buffers' fds are not closed: close them yourself.
         """
-        return Pending(self, self._send(*self._conn.release(buffer_ids(buffers))))
+        return Pending[int](self, self._send(*self._conn.release(buffer_ids(buffers))))
 
     @overload
     def allocate(self, width: int, height: int, format: str | int = ...) -> Buffer: ...
@@ -120,8 +135,9 @@ class Client:
         integer. Raises ServerError (e.g. LIMIT_EXCEEDED, or KERNEL with the
         kernel's errno), ConnectionLost, ValueError for an unknown format.
         """
-        pending = self.start_allocate(width, height, format, count=count)
-        return cast(Buffer | list[Buffer], pending.wait())
+        if count is None:
+            return self.start_allocate(width, height, format).wait()
+        return self.start_allocate(width, height, format, count=count).wait()
 
     def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """Drop the daemon's reference to ``buffers`` (Buffers or ids); returns how many.
@@ -163,6 +179,38 @@ class Client:
     def query(self) -> Offer:
         """What the daemon offers: formats, modifiers, limits, and this client's quota use."""
         return cast(Offer, self._call(*self._conn.query()))
+
+    def clients(self) -> list[ClientEntry]:
+        """The connected clients this client may see (all for root and the admin group,
+        else itself)."""
+        return cast(list[ClientEntry], self._pages(LIST_CLIENTS))
+
+    def buffers(self) -> list[BufferEntry]:
+        """The live buffers this client may see (all for root and the admin group, else
+        its own)."""
+        return cast(list[BufferEntry], self._pages(LIST_BUFFERS))
+
+    def _pages(self, what: int) -> list[ClientEntry | BufferEntry]:
+        entries: list[ClientEntry | BufferEntry] = []
+        start = 0
+        while True:
+            page = cast(Listed, self._call(*self._conn.list_page(what, start)))
+            entries += page.entries
+            if not page.next:
+                return entries
+            start = page.next
+
+    def stats(self) -> Statistics:
+        """The daemon's counters and totals."""
+        return cast(Statistics, self._call(*self._conn.stats()))
+
+    def open_buffer(self, client: int, ident: int) -> Buffer:
+        """Buffer ``ident`` of client number ``client`` (as :meth:`buffers` shows them).
+
+        Only root and the daemon's admin group may; others get ServerError
+        PERMISSION_DENIED. The returned Buffer has id 0: it stays its owner's.
+        """
+        return cast(list[Buffer], self._call(*self._conn.open_buffer(client, ident)))[0]
 
     def close(self) -> None:
         """Disconnect; the daemon frees every buffer this client still owned."""

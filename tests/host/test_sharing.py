@@ -18,7 +18,7 @@ import primed
 from primed import fdpass, formats, protocol
 from primed.errors import ErrorCode
 from tests.host.conftest import StartDaemon
-from tests.support import Daemon, count_fds, run_client
+from tests.support import Daemon, count_fds, run_client, wait_for
 
 # Opens a token in a new process, prints the layout and the pixels' SHA-256.
 OPEN = """
@@ -122,6 +122,8 @@ def test_opened_buffers_outlive_the_owner(shared: Daemon) -> None:
         buf.close()
         assert digest(opened) == expected
         opened.close()
+        # The daemon hears of the disconnect in its own time: wait until it has.
+        wait_for(lambda: len(other.clients()) == 1, "the owner's disconnect")
         with pytest.raises(primed.ServerError) as gone:
             other.open_shared(token)
         assert gone.value.code == ErrorCode.UNKNOWN_TOKEN
@@ -177,10 +179,10 @@ def test_blocking_client_pipelines(client: primed.Client) -> None:
     pending = [client.start_allocate(16 * (i + 1), 16, count=2) for i in range(20)]
     single = client.start_allocate(8, 8)
     got = [p.wait() for p in reversed(pending)]  # answers arrive in order, are taken in any
-    assert [bufs[0].width for bufs in got] == [16 * (i + 1) for i in reversed(range(20))]  # type: ignore[index]
+    assert [bufs[0].width for bufs in got] == [16 * (i + 1) for i in reversed(range(20))]
     first = single.wait()
     assert isinstance(first, primed.Buffer) and first.width == 8
-    everything = [b for bufs in got for b in bufs] + [first]  # type: ignore[union-attr]
+    everything = [b for bufs in got for b in bufs] + [first]
     assert client.start_release(*everything).wait() == 41
     for b in everything:
         b.close()

@@ -3,7 +3,7 @@
 The kernel tier runs as one pytest session inside the VM, but only the host can
 ask QEMU for a screendump (QMP, on a socket outside the guest). So scripts/test
 runs this module on the host beside the VM (``python -m tests.kernel.screendump
---qmp SOCKET --dir DIR``), DIR being a folder the VM mounts read-write at the
+--qmp SOCKET --dir DIR --parent PID``), DIR being a folder the VM mounts read-write at the
 same path, and a test in the guest calls :func:`screendump`:
 
 1. the host side writes ``DIR/ready`` once it watches the folder;
@@ -12,7 +12,7 @@ same path, and a test in the guest calls :func:`screendump`:
    file when it replies), then writes ``NAME.done``, or ``NAME.error`` with the
    reason, and removes the request.
 
-The host side stops when its parent (the script that runs the VM) is gone.
+The host side stops when its parent, PID (the script that runs the VM), is gone.
 Standard library only.
 """
 
@@ -92,9 +92,8 @@ def qmp_screendump(qmp: str, filename: Path, timeout: float = 30.0) -> None:
                     raise ScreenUnavailable(f"{command['execute']}: {reply['error']}")
 
 
-def serve(directory: Path, qmp: str, poll: float = 0.05) -> None:
-    """Host side: answer requests in ``directory`` until the parent process is gone."""
-    parent = os.getppid()
+def serve(directory: Path, qmp: str, parent: int, poll: float = 0.05) -> None:
+    """Host side: answer requests in ``directory`` while process ``parent`` is our parent."""
     _write(directory / READY, f"{os.getpid()}\n")
     while os.getppid() == parent:
         for request in sorted(directory.glob("*.request")):
@@ -113,8 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Answer a VM's screendump requests.")
     parser.add_argument("--qmp", required=True, help="QEMU's QMP socket")
     parser.add_argument("--dir", required=True, type=Path, help="the folder shared with the VM")
+    parser.add_argument("--parent", required=True, type=int, help="stop when this pid is gone")
     args = parser.parse_args()
-    serve(args.dir, args.qmp)
+    serve(args.dir, args.qmp, args.parent)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 import primed
 from primed import drm
 from tests.kernel.conftest import Nodes
-from tests.support import Daemon
+from tests.support import Daemon, wait_for
 
 PEER = [sys.executable, "-m", "tests.kernel.peer"]
 
@@ -90,6 +90,8 @@ def test_opened_buffer_survives_its_owner(
         finally:
             os.close(exported)
         imported.close()
+        # The daemon hears of the disconnect in its own time: wait until it has.
+        wait_for(lambda: len(other.clients()) == 1, "the owner's disconnect", 60)
         with pytest.raises(primed.ServerError) as dead:
             other.open_shared(token)
         assert dead.value.code == primed.ErrorCode.UNKNOWN_TOKEN

@@ -1,0 +1,500 @@
+"""What the benchmark does: the servers it starts and the work its clients do.
+
+Every measurement runs primed and the floor (benchmarks/floor.py) side by side on
+the same backend, so that each primed figure has the floor's beside it. Timing
+uses ``time.perf_counter_ns``; nothing here asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import primed
+from benchmarks import floor
+from primed import drm
+
+#: Sample size of each worker's latencies in the throughput runs.
+LATENCY_SAMPLES = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where buffers come from: ``memfd``, or a DRM driver's card node (allocating) and
+    render node (importing, as a client would)."""
+
+    name: str
+    card: str | None = None
+    render: str | None = None
+
+
+def find_targets(names: list[str]) -> list[Target]:
+    """The targets named (memfd, vgem, virtio_gpu), with their nodes found by driver name.
+
+    Raises LookupError for a driver with no card or render node here.
+    """
+    found: dict[str, dict[bool, str]] = {}
+    for node in drm.nodes():
+        found.setdefault(node.driver, {}).setdefault(node.primary, node.path)
+    targets = []
+    for name in names:
+        if name == "memfd":
+            targets.append(Target("memfd"))
+            continue
+        nodes = found.get(name, {})
+        if True not in nodes or False not in nodes:
+            raise LookupError(f"no card and render node for {name} (found {found})")
+        targets.append(Target(name, nodes[True], nodes[False]))
+    return targets
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard one; returns it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def stats(samples_ns: list[int]) -> dict[str, float]:
+    """Median and p99 in microseconds, and the sample count."""
+    if not samples_ns:
+        return {"median_us": float("nan"), "p99_us": float("nan"), "n": 0}
+    ordered = sorted(samples_ns)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {
+        "median_us": statistics.median(ordered) / 1000,
+        "p99_us": p99 / 1000,
+        "n": len(ordered),
+    }
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid``."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for {pid}")
+
+
+def _connectable(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+class Server:
+    """A server process (primed or the floor) listening on ``path``."""
+
+    def __init__(self, argv: list[str], path: str, timeout: float):
+        self.path = path
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while not _connectable(path):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[2:4]} did not start:\n{self.stop()}")
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def stop(self) -> str:
+        """Stop it (SIGTERM, then SIGKILL); returns what it logged."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
+        self._log.close()
+        return text
+
+
+@contextlib.contextmanager
+def primed_server(target: Target, workdir: Path, timeout: float) -> Iterator[Server]:
+    """``primed serve`` on ``target``, with an empty configuration file (no quotas)."""
+    config = workdir / "primed.toml"
+    config.write_text("")
+    path = str(workdir / f"primed-{time.monotonic_ns()}.sock")
+    where = ["--backend", "memfd"] if target.card is None else ["--device", target.card]
+    argv = [sys.executable, "-m", "primed", "serve", "--config", str(config), "--socket", path]
+    server = Server([*argv, "--log-level", "warning", *where], path, timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def floor_server(target: Target, workdir: Path, mode: str, timeout: float) -> Iterator[Server]:
+    """The floor's server on ``target``: ``blocking`` (one connection at a time) or ``epoll``."""
+    path = str(workdir / f"floor-{time.monotonic_ns()}.sock")
+    argv = [sys.executable, "-m", "benchmarks.floor", "--socket", path, "--mode", mode]
+    if target.card is None:
+        argv += ["--backend", "memfd"]
+    else:
+        argv += ["--backend", "drm", "--device", target.card]
+    server = Server(argv, path, timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def primed_importer(target: Target) -> tuple[Callable[[primed.Buffer], None], Callable[[], None]]:
+    """What a primed client does with a buffer it got, and how to clean up after.
+
+    With a render node, import it (PRIME_FD_TO_HANDLE) and close the import
+    (GEM_CLOSE); on memfd, map and unmap it.
+    """
+    if target.render is None:
+
+        def cpu_map(buffer: primed.Buffer) -> None:
+            with buffer.map():
+                pass
+
+        return cpu_map, lambda: None
+    device = primed.Device(target.render)
+
+    def prime_import(buffer: primed.Buffer) -> None:
+        device.import_buffer(buffer).close()
+
+    return prime_import, device.close
+
+
+# Round trips: allocate, receive, import, release; one at a time.
+
+
+def in_process_block(target: Target, width: int, height: int, count: int) -> list[int]:
+    """The same ioctls with no socket: ``count`` samples in ns."""
+    kernel: floor.Kernel = floor.MemfdKernel() if target.card is None else floor.DumbKernel(target.card)
+    use = floor.importer(target.render)
+    samples = []
+    clock = time.perf_counter_ns
+    try:
+        for _ in range(count):
+            start = clock()
+            floor.in_process(kernel, use, width, height)
+            samples.append(clock() - start)
+    finally:
+        if isinstance(kernel, floor.DumbKernel):
+            os.close(kernel.fd)
+    return samples
+
+
+class FloorRoundTrips:
+    """Round trips through the floor's server on one connection."""
+
+    def __init__(self, path: str, target: Target):
+        self.client = floor.Client(path)
+        self.use = floor.importer(target.render)
+
+    def block(self, width: int, height: int, count: int) -> list[int]:
+        client, use, clock = self.client, self.use, time.perf_counter_ns
+        samples = []
+        for _ in range(count):
+            start = clock()
+            ident, fd, size = client.allocate(width, height)
+            use(fd, size)
+            os.close(fd)
+            client.release(ident)
+            samples.append(clock() - start)
+        return samples
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class BlockingRoundTrips:
+    """Round trips through primed with the blocking client, on one connection."""
+
+    def __init__(self, path: str, target: Target):
+        self.client = primed.connect(path, name="bench")
+        self.use, self._done = primed_importer(target)
+
+    def block(self, width: int, height: int, count: int) -> list[int]:
+        client, use, clock = self.client, self.use, time.perf_counter_ns
+        samples = []
+        for _ in range(count):
+            start = clock()
+            buffer = client.allocate(width, height, "XR24")
+            use(buffer)
+            client.release(buffer)
+            samples.append(clock() - start)
+        return samples
+
+    def close(self) -> None:
+        self._done()
+        self.client.close()
+
+
+class TrioRoundTrips:
+    """Round trips through primed with the trio client (one connection per block)."""
+
+    def __init__(self, path: str, target: Target):
+        self.path = path
+        self.use, self._done = primed_importer(target)
+
+    def block(self, width: int, height: int, count: int) -> list[int]:
+        samples: list[int] = []
+
+        async def run() -> None:
+            clock = time.perf_counter_ns
+            async with primed.connect_async(self.path, name="bench") as client:
+                for _ in range(count):
+                    start = clock()
+                    buffer = await client.allocate(width, height, "XR24")
+                    self.use(buffer)
+                    await client.release(buffer)
+                    samples.append(clock() - start)
+
+        trio.run(run)
+        return samples
+
+    def close(self) -> None:
+        self._done()
+
+
+def interleaved(
+    runners: dict[str, Callable[[int], list[int]]], samples: int, budget: float, block: int
+) -> dict[str, list[int]]:
+    """Run each runner in blocks, taking turns, until each has ``samples`` samples or
+    ``budget`` seconds have passed (but at least one block each after a warm-up block).
+
+    Taking turns spreads the machine's drift over all of them alike.
+    """
+    for run in runners.values():
+        run(max(1, block // 4))  # warm-up
+    taken: dict[str, list[int]] = {name: [] for name in runners}
+    deadline = time.monotonic() + budget
+    while True:
+        for name, run in runners.items():
+            taken[name] += run(block)
+        if all(len(s) >= samples for s in taken.values()) or time.monotonic() > deadline:
+            return taken
+
+
+# Throughput: many client processes, each allocating and releasing as fast as it can.
+
+
+def _floor_unit(width: int, height: int, window: int) -> Callable[[floor.Client], None]:
+    def unit(client: floor.Client) -> None:
+        for _ in range(window):
+            client.send_allocate(width, height)
+        got = [client.receive_allocated() for _ in range(window)]
+        for ident, fd, _ in got:
+            os.close(fd)
+            client.send_release(ident)
+        for _ in range(window):
+            client.receive_released()
+
+    return unit
+
+
+def _primed_unit(width: int, height: int, window: int) -> Callable[[primed.Client], None]:
+    if window == 1:
+
+        def one(client: primed.Client) -> None:
+            client.release(client.allocate(width, height, "XR24"))
+
+        return one
+
+    def many(client: primed.Client) -> None:
+        pending = [client.start_allocate(width, height, "XR24") for _ in range(window)]
+        buffers = [p.wait() for p in pending]
+        released = [client.start_release(b) for b in buffers]
+        for buffer in buffers:
+            buffer.close()
+        for p in released:
+            p.wait()
+
+    return many
+
+
+def _worker(
+    kind: str, path: str, size: tuple[int, int], window: int, ready: int, go: int, out: str
+) -> None:
+    """A throughput client process: connect, say ready, run from the go signal to the
+    deadline it carries, write {"units", "latency_ns"} to ``out``."""
+    client: Any
+    if kind == "floor":
+        client = floor.Client(path)
+        unit: Callable[[Any], None] = _floor_unit(*size, window)
+    else:
+        client = primed.connect(path, name="bench")
+        unit = _primed_unit(*size, window)
+    os.write(ready, b".")
+    _, deadline = struct.unpack("dd", os.read(go, 16))
+    clock = time.perf_counter_ns
+    units = 0
+    latencies: list[int] = []
+    while time.monotonic() < deadline:
+        start = clock()
+        unit(client)
+        if time.monotonic() > deadline:
+            break
+        units += 1
+        if len(latencies) < LATENCY_SAMPLES:
+            latencies.append(clock() - start)
+    client.close()
+    Path(out).write_text(json.dumps({"units": units, "latency_ns": latencies}))
+
+
+def throughput(
+    kind: str,
+    path: str,
+    clients: int,
+    window: int,
+    duration: float,
+    workdir: Path,
+    size: tuple[int, int] = (64, 64),
+    timeout: float = 60.0,
+) -> dict[str, float]:
+    """``clients`` processes allocating and releasing on ``path`` for ``duration`` seconds,
+    each with ``window`` requests of each kind in flight (1: not pipelined).
+
+    Returns pairs per second, and the median and p99 time of one unit (one pair,
+    or ``window`` pairs when pipelined) in microseconds.
+    """
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    outs = [str(workdir / f"worker-{i}.json") for i in range(clients)]
+    pids = []
+    try:
+        for out in outs:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (the child)
+                code = 0
+                try:
+                    os.close(ready_r)
+                    os.close(go_w)
+                    _worker(kind, path, size, window, ready_w, go_r, out)
+                except BaseException as e:
+                    Path(out).write_text(json.dumps({"error": repr(e)}))
+                    code = 1
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        deadline = time.monotonic() + timeout
+        arrived = 0
+        while arrived < clients:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {arrived} of {clients} clients connected")
+            arrived += len(os.read(ready_r, clients))
+        start = time.monotonic()
+        signal_bytes = struct.pack("dd", start, start + duration) * clients
+        view = memoryview(signal_bytes)
+        while view:
+            view = view[os.write(go_w, view) :]
+    finally:
+        os.close(go_w)
+        os.close(ready_w)
+        os.close(ready_r)
+        os.close(go_r)
+        for pid in pids:
+            os.waitpid(pid, 0)
+    units = 0
+    latencies: list[int] = []
+    for out in outs:
+        result = json.loads(Path(out).read_text())
+        os.unlink(out)
+        if "error" in result:
+            raise RuntimeError(f"a {kind} client failed: {result['error']}")
+        units += result["units"]
+        latencies += result["latency_ns"]
+    latency = stats(latencies)
+    return {
+        "pairs_per_s": units * window / duration,
+        "unit_median_us": latency["median_us"],
+        "unit_p99_us": latency["p99_us"],
+    }
+
+
+# Idle clients: connections that said hello and then do nothing.
+
+
+@contextlib.contextmanager
+def idle_clients(kind: str, path: str, count: int, timeout: float = 120.0) -> Iterator[None]:
+    """``count`` connections held open by a child process while the block runs."""
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 0
+        try:
+            os.close(ready_r)
+            os.close(stop_w)
+            raise_nofile()
+            held: list[Any] = []
+            for _ in range(count):
+                held.append(floor.Client(path) if kind == "floor" else primed.connect(path))
+            os.write(ready_w, b".")
+            os.read(stop_r, 1)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        readable, _, _ = select.select([ready_r], [], [], timeout)
+        if not readable or os.read(ready_r, 1) != b".":
+            raise RuntimeError(f"{count} idle {kind} clients did not connect")
+        yield
+    finally:
+        os.close(stop_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def settle(server: Server, quiet: float = 0.3, timeout: float = 10.0) -> int:
+    """The server's RSS once it stopped changing for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = server.rss(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = server.rss()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def hold_primed(client: primed.Client, count: int, size: tuple[int, int] = (64, 64)) -> None:
+    """Have the daemon keep ``count`` more buffers for ``client`` (their fds closed here)."""
+    while count > 0:
+        batch = min(count, 1024)
+        for buffer in client.allocate(*size, "XR24", count=batch):
+            buffer.close()
+        count -= batch

@@ -46,27 +46,48 @@ class Plan:
     idle_clients: int
     codec_iterations: int
     start_timeout: float
+    warm_up: int  #: units each throughput client runs before the clock starts
 
 
 SIZES = ((64, 64), (640, 480), (1920, 1080), (3840, 2160))
+SMALL_AND_BIG = ((64, 64), (3840, 2160))
+# By mode, then by part: the VM emulates its CPU (TCG), so everything there is
+# about 50 times slower, and gets longer runs and fewer samples.
 PLANS = {
-    "full": Plan(
-        SIZES, 5000, 12.0, 250, (1, 8, 64, 256), 8, 3.0,
-        (10, 1000, 100000), 3000, 10.0, 256, 20000, 120.0,
-    ),
-    "quick": Plan(
-        ((64, 64), (3840, 2160)), 1000, 2.0, 100, (1, 8, 64, 256), 8, 0.7,
-        (10, 1000, 100000), 500, 1.5, 256, 5000, 120.0,
-    ),
-    "smoke": Plan(
-        ((64, 64),), 20, 0.5, 10, (1, 2), 2, 0.2,
-        (10, 50), 20, 0.5, 4, 200, 60.0,
-    ),
+    "full": {
+        "host": Plan(
+            SIZES, 5000, 12.0, 250, (1, 8, 64, 256), 8, 3.0,
+            (10, 1000, 100000), 3000, 8.0, 256, 20000, 60.0, 3,
+        ),
+        "vm": Plan(
+            SIZES, 300, 8.0, 10, (1, 8, 64, 256), 8, 4.0,
+            (10, 1000, 100000), 200, 8.0, 256, 2000, 180.0, 1,
+        ),
+    },
+    "quick": {
+        "host": Plan(
+            SMALL_AND_BIG, 1000, 2.0, 100, (1, 8, 64, 256), 8, 1.0,
+            (10, 1000, 100000), 500, 1.5, 256, 5000, 60.0, 3,
+        ),
+        "vm": Plan(
+            SMALL_AND_BIG, 100, 2.0, 10, (1, 8, 64), 8, 1.5,
+            (10, 1000), 50, 2.0, 32, 500, 180.0, 1,
+        ),
+    },
+    "smoke": {
+        "host": Plan(
+            ((64, 64),), 20, 0.5, 10, (1, 2), 2, 0.2,
+            (10, 50), 20, 0.5, 4, 200, 60.0, 1,
+        ),
+    },
 }  # fmt: skip
 #: Live buffers per target at most: virtio-gpu allocates in milliseconds under emulation.
 LIVE_CAP = {"virtio_gpu": 1000}
-#: fds the memfd daemon keeps for its own use below its RLIMIT_NOFILE.
-FD_MARGIN = 512
+#: Client processes per target at most, for the same reason.
+CLIENTS_CAP = {"virtio_gpu": 64}
+#: fds kept free below RLIMIT_NOFILE when memfd buffers are held: the benchmark
+#: holds as many in-process, and receives up to 1024 at once while filling the daemon.
+FD_MARGIN = 1536
 
 
 def machine() -> dict[str, Any]:
@@ -107,25 +128,27 @@ def roundtrips(target: Target, plan: Plan, workdir: Path) -> list[dict[str, Any]
         workloads.primed_server(target, workdir, plan.start_timeout) as daemon,
         workloads.floor_server(target, workdir, "blocking", plan.start_timeout) as base,
     ):
+        in_process = workloads.InProcess(target)
         floor_rt = workloads.FloorRoundTrips(base.path, target)
         blocking = workloads.BlockingRoundTrips(daemon.path, target)
         trio_rt = workloads.TrioRoundTrips(daemon.path, target)
         try:
             for width, height in plan.sizes:
                 runners = {
-                    "in_process": functools.partial(
-                        workloads.in_process_block, target, width, height
-                    ),
+                    "in_process": functools.partial(in_process.block, width, height),
                     "floor": functools.partial(floor_rt.block, width, height),
                     "blocking": functools.partial(blocking.block, width, height),
                     "trio": functools.partial(trio_rt.block, width, height),
                 }
-                taken = workloads.interleaved(runners, plan.rt_samples, plan.rt_budget, plan.rt_block)
+                taken = workloads.interleaved(
+                    runners, plan.rt_samples, plan.rt_budget, plan.rt_block
+                )
                 row: dict[str, Any] = {"size": f"{width}x{height}"}
                 row.update({name: workloads.stats(s) for name, s in taken.items()})
                 rows.append(row)
                 say(f"  round trip {row['size']}: " + report.brief(row))
         finally:
+            in_process.close()
             floor_rt.close()
             blocking.close()
             trio_rt.close()
@@ -139,11 +162,17 @@ def throughput(target: Target, plan: Plan, workdir: Path) -> list[dict[str, Any]
         workloads.floor_server(target, workdir, "epoll", plan.start_timeout) as base,
     ):
         for clients in plan.clients:
+            if clients > CLIENTS_CAP.get(target.name, clients):
+                continue
             for window in (1, plan.window):
-                row: dict[str, Any] = {"clients": clients, "pipelined": window > 1, "window": window}
+                row: dict[str, Any] = {
+                    "clients": clients,
+                    "pipelined": window > 1,
+                    "window": window,
+                }
                 for kind, server in (("floor", base), ("primed", daemon)):
                     row[kind] = workloads.throughput(
-                        kind, server.path, clients, window, plan.duration, workdir
+                        kind, server.path, clients, window, plan.duration, workdir, plan.warm_up
                     )
                 rows.append(row)
                 say(
@@ -171,6 +200,7 @@ def live_buffers(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
         workloads.primed_server(target, workdir, plan.start_timeout) as daemon,
         workloads.floor_server(target, workdir, "blocking", plan.start_timeout) as base,
     ):
+        in_process = workloads.InProcess(target)
         floor_rt = workloads.FloorRoundTrips(base.path, target)
         blocking = workloads.BlockingRoundTrips(daemon.path, target)
         try:
@@ -178,9 +208,11 @@ def live_buffers(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
             for level in levels:
                 workloads.hold_primed(blocking.client, level - held)
                 floor_rt.client.hold(64, 64, level - held)
+                in_process.hold(level - held)
                 held = level
                 taken = workloads.interleaved(
                     {
+                        "in_process": functools.partial(in_process.block, 64, 64),
                         "floor": functools.partial(floor_rt.block, 64, 64),
                         "primed": functools.partial(blocking.block, 64, 64),
                     },
@@ -194,6 +226,7 @@ def live_buffers(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
                 rows.append(row)
                 say(f"  {level} live buffers: " + report.brief(row))
         finally:
+            in_process.close()
             floor_rt.close()
             blocking.close()
     first, last = rows[0], rows[-1]
@@ -219,16 +252,14 @@ def idle_memory(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
             with workloads.idle_clients(kind, server.path, plan.idle_clients):
                 after = workloads.settle(server)
             result[kind] = (after - before) / plan.idle_clients
-    say(
-        f"  per idle client: floor {result['floor']:.0f} B, primed {result['primed']:.0f} B"
-    )
+    say(f"  per idle client: floor {result['floor']:.0f} B, primed {result['primed']:.0f} B")
     return result
 
 
 def run_target(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
     say(f"{target.name}: {target.card or 'no device'}")
     started = time.monotonic()
-    result = {
+    result: dict[str, Any] = {
         "target": dataclasses.asdict(target),
         "roundtrip": roundtrips(target, plan, workdir),
         "throughput": throughput(target, plan, workdir),
@@ -240,7 +271,8 @@ def run_target(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
 
 
 def measure(names: list[str], mode: str, with_codec: bool, part: str) -> dict[str, Any]:
-    plan = PLANS[mode]
+    plans = PLANS[mode]
+    plan = plans.get(part, plans["host"])
     workloads.raise_nofile()
     result: dict[str, Any] = {
         "part": part,

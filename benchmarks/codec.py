@@ -58,4 +58,4 @@ def measure(iterations: int) -> list[dict[str, Any]]:
 def round_trip_us(rows: list[dict[str, Any]]) -> float:
     """Codec time in one allocate + release round trip (each message encoded and decoded once)."""
     by_message = {row["message"]: row["total_us"] for row in rows}
-    return sum(by_message.get(name, float("nan")) for name in ROUND_TRIP)
+    return float(sum(by_message.get(name, float("nan")) for name in ROUND_TRIP))

@@ -82,16 +82,19 @@ class DumbKernel:
     def free(self, ref: int) -> None:
         fcntl.ioctl(self.fd, drm.DRM_IOCTL_MODE_DESTROY_DUMB, drm.drm_mode_destroy_dumb.pack(ref))
 
+    def close(self) -> None:
+        os.close(self.fd)
 
-def importer(render: str | None) -> Callable[[int, int], None]:
-    """What a client does with a received fd: with a render node, PRIME import and
-    GEM_CLOSE; without one (memfd), map it and unmap it."""
+
+def importer(render: str | None) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """What a client does with a received fd, and how to clean up after: with a
+    render node, PRIME import and GEM_CLOSE; without one (memfd), map and unmap it."""
     if render is None:
 
         def cpu_map(fd: int, size: int) -> None:
             mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
 
-        return cpu_map
+        return cpu_map, lambda: None
     node = os.open(render, os.O_RDWR | os.O_CLOEXEC)
 
     def prime_import(fd: int, size: int) -> None:
@@ -100,7 +103,7 @@ def importer(render: str | None) -> Callable[[int, int], None]:
         handle = drm.drm_prime_handle.unpack(arg)[0]
         fcntl.ioctl(node, drm.DRM_IOCTL_GEM_CLOSE, drm.drm_gem_close.pack(handle, 0))
 
-    return prime_import
+    return prime_import, lambda: os.close(node)
 
 
 def in_process(kernel: Kernel, use: Callable[[int, int], None], width: int, height: int) -> None:

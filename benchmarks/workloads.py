@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,21 +197,38 @@ def primed_importer(target: Target) -> tuple[Callable[[primed.Buffer], None], Ca
 # Round trips: allocate, receive, import, release; one at a time.
 
 
-def in_process_block(target: Target, width: int, height: int, count: int) -> list[int]:
-    """The same ioctls with no socket: ``count`` samples in ns."""
-    kernel: floor.Kernel = floor.MemfdKernel() if target.card is None else floor.DumbKernel(target.card)
-    use = floor.importer(target.render)
-    samples = []
-    clock = time.perf_counter_ns
-    try:
+class InProcess:
+    """The same ioctls with no socket: allocate, export, import, close, free.
+
+    Like a server, it can hold buffers (on the same DRM fd, or as memfds).
+    """
+
+    def __init__(self, target: Target):
+        self.kernel: floor.Kernel = (
+            floor.MemfdKernel() if target.card is None else floor.DumbKernel(target.card)
+        )
+        self.use, self._done = floor.importer(target.render)
+        self.held: list[int] = []
+
+    def hold(self, count: int) -> None:
+        for _ in range(count):
+            self.held.append(self.kernel.allocate(64, 64)[0])
+
+    def block(self, width: int, height: int, count: int) -> list[int]:
+        kernel, use, clock = self.kernel, self.use, time.perf_counter_ns
+        samples = []
         for _ in range(count):
             start = clock()
             floor.in_process(kernel, use, width, height)
             samples.append(clock() - start)
-    finally:
-        if isinstance(kernel, floor.DumbKernel):
-            os.close(kernel.fd)
-    return samples
+        return samples
+
+    def close(self) -> None:
+        for ref in self.held:
+            self.kernel.free(ref)
+        self._done()
+        if isinstance(self.kernel, floor.DumbKernel):
+            self.kernel.close()
 
 
 class FloorRoundTrips:
@@ -219,7 +236,7 @@ class FloorRoundTrips:
 
     def __init__(self, path: str, target: Target):
         self.client = floor.Client(path)
-        self.use = floor.importer(target.render)
+        self.use, self._done = floor.importer(target.render)
 
     def block(self, width: int, height: int, count: int) -> list[int]:
         client, use, clock = self.client, self.use, time.perf_counter_ns
@@ -234,6 +251,7 @@ class FloorRoundTrips:
         return samples
 
     def close(self) -> None:
+        self._done()
         self.client.close()
 
 
@@ -288,7 +306,7 @@ class TrioRoundTrips:
 
 
 def interleaved(
-    runners: dict[str, Callable[[int], list[int]]], samples: int, budget: float, block: int
+    runners: Mapping[str, Callable[[int], list[int]]], samples: int, budget: float, block: int
 ) -> dict[str, list[int]]:
     """Run each runner in blocks, taking turns, until each has ``samples`` samples or
     ``budget`` seconds have passed (but at least one block each after a warm-up block).
@@ -344,7 +362,14 @@ def _primed_unit(width: int, height: int, window: int) -> Callable[[primed.Clien
 
 
 def _worker(
-    kind: str, path: str, size: tuple[int, int], window: int, ready: int, go: int, out: str
+    kind: str,
+    path: str,
+    size: tuple[int, int],
+    window: int,
+    warm_up: int,
+    ready: int,
+    go: int,
+    out: str,
 ) -> None:
     """A throughput client process: connect, say ready, run from the go signal to the
     deadline it carries, write {"units", "latency_ns"} to ``out``."""
@@ -355,6 +380,8 @@ def _worker(
     else:
         client = primed.connect(path, name="bench")
         unit = _primed_unit(*size, window)
+    for _ in range(warm_up):  # the pages a forked child shares with its parent get copied now
+        unit(client)
     os.write(ready, b".")
     _, deadline = struct.unpack("dd", os.read(go, 16))
     clock = time.perf_counter_ns
@@ -379,6 +406,7 @@ def throughput(
     window: int,
     duration: float,
     workdir: Path,
+    warm_up: int,
     size: tuple[int, int] = (64, 64),
     timeout: float = 60.0,
 ) -> dict[str, float]:
@@ -400,7 +428,7 @@ def throughput(
                 try:
                     os.close(ready_r)
                     os.close(go_w)
-                    _worker(kind, path, size, window, ready_w, go_r, out)
+                    _worker(kind, path, size, window, warm_up, ready_w, go_r, out)
                 except BaseException as e:
                     Path(out).write_text(json.dumps({"error": repr(e)}))
                     code = 1

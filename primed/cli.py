@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", help=socket_help)
     serve.add_argument("--socket-mode", type=_octal, help="octal (default 660)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--send-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="drop a client that reads no reply for this long (default 10)",
+    )
     defaults = formats.Limits()
     serve.add_argument("--max-width", type=int, help=f"default {defaults.max_width}")
     serve.add_argument("--max-height", type=int, help=f"default {defaults.max_height}")
@@ -153,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
             policy=config.policy,
             reload=reload,
             activated=activated,
+            send_timeout=config.send_timeout,
         )
     )
     return 0

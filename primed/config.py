@@ -45,6 +45,7 @@ class Config:
     socket: str | None = None  #: None: $PRIMED_SOCKET, else /run/primed/primed.sock
     socket_mode: int = 0o660
     log_level: str = "info"
+    send_timeout: float = 10.0  #: seconds a reply may wait for a client that does not read
     limits: Limits = dataclasses.field(default_factory=Limits)
     policy: Policy = dataclasses.field(default_factory=Policy)
     source: str | None = None  #: the file read, if any
@@ -55,7 +56,7 @@ class Config:
 
 
 #: Keys a reload cannot change: they take effect when the daemon restarts.
-RESTART_KEYS = ("device", "backend", "socket", "socket_mode")
+RESTART_KEYS = ("device", "backend", "socket", "socket_mode", "send_timeout")
 
 #: The command-line flag that overrides each key.
 FLAGS = {
@@ -64,6 +65,7 @@ FLAGS = {
     "socket": "--socket",
     "socket_mode": "--socket-mode",
     "log_level": "--log-level",
+    "send_timeout": "--send-timeout",
     "limits.max_width": "--max-width",
     "limits.max_height": "--max-height",
     "limits.max_size": "--max-size",
@@ -125,6 +127,17 @@ def _bytes(low: int, high: int) -> Callable[[str, object], int]:
     return convert
 
 
+def _seconds(low: float, high: float) -> Callable[[str, object], float]:
+    def convert(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected seconds, got {_describe(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"{value} is not within {low:g}..{high:g}")
+        return float(value)
+
+    return convert
+
+
 def _mode(key: str, value: object) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         return int(value, 8)
@@ -174,6 +187,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "socket": _string,
     "socket_mode": _mode,
     "log_level": _choice(LOG_LEVELS),
+    "send_timeout": _seconds(0.1, 3600),
     "access.allowed_uids": _ids(_uid),
     "access.allowed_gids": _ids(_gid),
     "access.admin_group": _one_id(_gid),
@@ -268,6 +282,7 @@ def build(
         socket=values.get("socket"),
         socket_mode=values.get("socket_mode", 0o660),
         log_level=values.get("log_level", "info"),
+        send_timeout=values.get("send_timeout", 10.0),
         limits=limits,
         policy=policy,
         source=source,

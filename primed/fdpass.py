@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -83,3 +84,15 @@ def recv(sock: socket.socket) -> tuple[bytes, list[int]]:
 def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """Send one datagram with ``fds``; the caller keeps (and closes) its own fds."""
     sock.sendmsg([data], rights(fds))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one, and return it.
+
+    The daemon holds an fd per client, and on the memfd backend one per live
+    buffer: the usual soft limit of 1024 would cap both long before the hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

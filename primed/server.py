@@ -11,6 +11,12 @@ memory while any of them exists.
 
 A malformed message ends only its own connection (after an Error reply
 saying why); an unknown opcode gets an Error and the connection goes on.
+
+A client can't hold up the others, nor use up the daemon's allowance of fds in
+flight (charged to the daemon's user): its task reads the next request only
+after answering the last, a reply carrying fds waits while the client has more
+than :data:`QUEUED_BYTES` unread, and a client whose reply can't be sent
+within the send timeout is dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -26,6 +33,7 @@ import signal
 import socket
 import stat
 import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import cast
@@ -79,6 +87,11 @@ LIST_PAGE_CLIENTS = 200
 LIST_PAGE_BUFFERS = 1000
 #: The one answer to every token that can't be opened or revoked, whatever the reason.
 _NO_TOKEN = "no such token"
+#: Seconds a reply may wait for a client that does not read before it is dropped.
+SEND_TIMEOUT = 10.0
+#: Unread bytes (the kernel's accounting: about 768 per small reply, 21 KiB per
+#: reply of 253 fds) past which a reply that carries fds waits for the client to read.
+QUEUED_BYTES = 16384
 #: What QUERY reports of the format table: it never changes while the daemon runs.
 _FORMATS = tuple(FormatInfo(f.fourcc, f.cpp, f.hsub, f.vsub) for f in formats.FORMATS.values())
 
@@ -117,6 +130,12 @@ class _Drop(Exception):
     """End this client's connection (after the reply already queued)."""
 
 
+def _unread(sock: trio.socket.SocketType) -> int:
+    """Bytes this end sent that the peer has not read yet (SIOCOUTQ)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(raw, "little", signed=True)
+
+
 class Daemon:
     """The buffer registry and request handling, over any listening socket."""
 
@@ -126,10 +145,13 @@ class Daemon:
         limits: Limits | None = None,
         policy: Policy | None = None,
         reload: Callable[[], tuple[Limits, Policy]] | None = None,
+        send_timeout: float = SEND_TIMEOUT,
     ):
         """``policy`` says who may connect and what each may hold; ``reload`` (called on
-        SIGHUP) returns new limits and policy, or raises PrimedError to keep the old ones."""
+        SIGHUP) returns new limits and policy, or raises PrimedError to keep the old ones.
+        A client whose reply can't be sent within ``send_timeout`` seconds is dropped."""
         self.backend = backend
+        self.send_timeout = send_timeout
         self.limits = limits or Limits()
         self.policy = policy or Policy()
         self.ledger = Ledger()
@@ -207,11 +229,12 @@ class Daemon:
                     peer.gid,
                     refusal,
                 )
-                try:
-                    await self._send(sock, Error(ErrorCode.PERMISSION_DENIED, 0, refusal), 0)
-                    await _hang_up(sock)
-                except OSError:
-                    pass
+                with trio.move_on_after(self.send_timeout):
+                    try:
+                        await self._send(sock, Error(ErrorCode.PERMISSION_DENIED, 0, refusal), 0)
+                        await _hang_up(sock)
+                    except (OSError, _Drop):
+                        pass
                 return
             account = self.ledger.open(peer)
             session = Session(next(self._numbers), peer.pid, peer.uid, peer.gid, account)
@@ -264,7 +287,7 @@ class Daemon:
         log.warning("%s sent a bad message, disconnecting: %s", session, e)
         try:
             await self._send(sock, Error(ErrorCode.BAD_MESSAGE, 0, str(e)), e.serial)
-        except OSError:
+        except (OSError, _Drop):
             pass
         raise _Drop
 
@@ -273,7 +296,30 @@ class Daemon:
     ) -> None:
         if isinstance(reply, Error):
             self.errors_by_code[reply.code] += 1
-        await sock.sendmsg([protocol.encode(reply, serial)], fdpass.rights(fds or []))
+        data = protocol.encode(reply, serial)
+        try:
+            with trio.fail_after(self.send_timeout):
+                await sock.sendmsg([data], fdpass.rights(fds or []))
+        except trio.TooSlowError:
+            self._stalled(sock)
+            raise _Drop from None
+
+    async def _room(self, sock: trio.socket.SocketType) -> None:
+        """Wait (before exporting fds) until the client has read all but QUEUED_BYTES."""
+        try:
+            with trio.fail_after(self.send_timeout):
+                while _unread(sock) > QUEUED_BYTES:
+                    await trio.sleep(0.01)
+        except trio.TooSlowError:
+            self._stalled(sock)
+            raise _Drop from None
+
+    def _stalled(self, sock: trio.socket.SocketType) -> None:
+        log.warning(
+            "a client (socket %d) read no reply for %g s; dropping it",
+            sock.fileno(),
+            self.send_timeout,
+        )
 
     async def _fail(
         self,
@@ -429,11 +475,15 @@ class Daemon:
         for index in range(0, total, MAX_FDS):
             part = infos[index : index + MAX_FDS]
             fds: list[int] = []
+            await self._room(sock)
             try:
                 for info in part:
                     fds.append(self.backend.export(session.buffers[info.id]))
                 await self._send(sock, Allocated(total, index, tuple(part)), serial, fds)
-            except KernelError as e:
+            except OSError as e:
+                # ETOOMANYREFS: our user has too many fds in flight, unread by clients.
+                if not isinstance(e, KernelError) and e.errno != errno.ETOOMANYREFS:
+                    raise
                 # The whole request fails, parts already sent included: on the
                 # Error the client closes what it got, and so do we.
                 for info in infos:
@@ -493,6 +543,7 @@ class Daemon:
     ) -> bool:
         """Send a fresh fd of someone else's buffer (as an ALLOCATED of one, id 0: it stays
         its owner's). False if the export failed (the Error was sent)."""
+        await self._room(sock)
         try:
             fd = self.backend.export(allocation)
         except KernelError as e:
@@ -511,6 +562,11 @@ class Daemon:
                 allocation.planes,
             )
             await self._send(sock, Allocated(1, 0, (info,)), serial, [fd])
+        except OSError as e:
+            if e.errno != errno.ETOOMANYREFS:
+                raise
+            await self._fail(sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno)
+            return False
         finally:
             os.close(fd)
         return True
@@ -753,6 +809,7 @@ async def run(
     policy: Policy | None = None,
     reload: Callable[[], tuple[Limits, Policy]] | None = None,
     activated: socket.socket | None = None,
+    send_timeout: float = SEND_TIMEOUT,
 ) -> None:
     """Serve on ``path`` until SIGTERM or SIGINT; free everything and remove the socket.
 
@@ -761,8 +818,9 @@ async def run(
     $NOTIFY_SOCKET set, systemd hears READY=1, RELOADING=1, STOPPING=1, STATUS=
     and, with $WATCHDOG_USEC, WATCHDOG=1.
     """
-    daemon = Daemon(backend, limits, policy, reload)
+    daemon = Daemon(backend, limits, policy, reload, send_timeout)
     reload_note = ""
+    fdpass.raise_fd_limit()
 
     def status() -> str:
         kind = backend.kind.name.lower()

@@ -109,15 +109,20 @@ class Client:
         """Send an Allocate and return at once; ``wait()`` gives what allocate() would."""
         request = self._conn.allocate(width, height, format, 1 if count is None else count)
         if count is None:
-            return Pending[Buffer](self, self._send(*request), many=False)
-        return Pending[list[Buffer]](self, self._send(*request))
+            # Not Pending[Buffer](...): that form costs microseconds (typing tries to
+            # set __orig_class__ on a slotted object) on every request.
+            one: Pending[Buffer] = Pending(self, self._send(*request), many=False)
+            return one
+        many: Pending[list[Buffer]] = Pending(self, self._send(*request))
+        return many
 
     def start_release(self, *buffers: Buffer | int) -> Pending[int]:
         """Send a Release and return at once; ``wait()`` gives the count released.
 
         Buffers' fds are not closed: close them yourself.
         """
-        return Pending[int](self, self._send(*self._conn.release(buffer_ids(buffers))))
+        pending: Pending[int] = Pending(self, self._send(*self._conn.release(buffer_ids(buffers))))
+        return pending
 
     @overload
     def allocate(self, width: int, height: int, format: str | int = ...) -> Buffer: ...

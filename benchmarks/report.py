@@ -24,11 +24,16 @@ BIG_TARGET = 1.1
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from the host's and the VM's parts, with the targets judged."""
+    """One result from the host's and the VM's parts (or earlier merged results, to
+    which later parts add or replace targets), with the targets judged."""
     merged: dict[str, Any] = {"machines": {}, "targets": {}, "modes": {}}
     for part in parts:
-        merged["machines"][part["part"]] = part["machine"]
-        merged["modes"][part["part"]] = part["mode"]
+        if "machines" in part:
+            merged["machines"].update(part["machines"])
+            merged["modes"].update(part["modes"])
+        else:
+            merged["machines"][part["part"]] = part["machine"]
+            merged["modes"][part["part"]] = part["mode"]
         merged["targets"].update(part["targets"])
         if "codec" in part:
             merged["codec"] = part["codec"]
@@ -329,6 +334,11 @@ def _machines(result: dict[str, Any]) -> list[str]:
     return [
         f"{part}: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}"
         + (" (virtualised)" if m.get("virtualised") else "")
+        + (
+            f"; load average {m['load_before']:.1f} before, {m['load_after']:.1f} after"
+            if "load_after" in m
+            else ""
+        )
         for part, m in result["machines"].items()
     ]
 
@@ -373,6 +383,8 @@ def _ticks(top: float) -> list[float]:
 
 
 def _label(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:g}M"
     if value >= 1000:
         return f"{value / 1000:g}k"
     return f"{value:g}"
@@ -383,20 +395,33 @@ def _panel(
     title: str,
     clients: list[int],
     series: list[tuple[str, str, bool, list[float]]],
+    log: bool = False,
 ) -> list[str]:
-    """One panel: ``series`` are (label, kind, dashed, values per client count)."""
-    width, height, left, top, bottom = 400.0, 300.0, 60.0, 40.0, 50.0
-    plot_w, plot_h = width - left - 20, height - top - bottom
-    values = [v for _, _, _, vs in series for v in vs if not math.isnan(v)]
-    ticks = _ticks(max(values, default=1.0))
-    ceiling = ticks[-1]
+    """One panel: ``series`` are (label, kind, dashed, values per client count); the
+    y axis starts at 0, or is logarithmic."""
+    left, top, plot_w, plot_h = 60.0, 40.0, 320.0, 200.0
+    values = [v for _, _, _, vs in series for v in vs if not math.isnan(v) and v > 0]
+    if log:
+        low = 10.0 ** math.floor(math.log10(min(values, default=1.0)))
+        high = 10.0 ** math.ceil(math.log10(max(values, default=10.0)))
+        high = max(high, low * 10)
+        ticks = [low * 10**i for i in range(round(math.log10(high / low)) + 1)]
+
+        def fraction(v: float) -> float:
+            return math.log10(v / low) / math.log10(high / low)
+    else:
+        ticks = _ticks(max(values, default=1.0))
+
+        def fraction(v: float) -> float:
+            return v / ticks[-1]
+
     out = [f'<text x="{x0 + left}" y="24" font-weight="bold">{escape(title)}</text>']
 
     def px(i: int) -> float:
         return x0 + left + (plot_w * i / max(1, len(clients) - 1))
 
     def py(v: float) -> float:
-        return top + plot_h * (1 - v / ceiling)
+        return top + plot_h * (1 - fraction(v))
 
     for tick in ticks:
         y = py(tick)
@@ -412,21 +437,21 @@ def _panel(
             f'<text x="{px(i):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{count}</text>'
         )
     out.append(
-        f'<text x="{x0 + left + plot_w / 2}" y="{top + plot_h + 38}" text-anchor="middle">'
+        f'<text x="{x0 + left + plot_w / 2}" y="{top + plot_h + 36}" text-anchor="middle">'
         "client processes</text>"
     )
     for n, (label, kind, dashed, vs) in enumerate(series):
-        points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(vs) if not math.isnan(v))
+        shown = [(i, v) for i, v in enumerate(vs) if not math.isnan(v) and (v > 0 or not log)]
+        points = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in shown)
         dash = ' stroke-dasharray="6 4"' if dashed else ""
         colour = _COLOURS[kind]
         out.append(
             f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>'
         )
-        for i, v in enumerate(vs):
-            if not math.isnan(v):
-                out.append(f'<circle cx="{px(i):.1f}" cy="{py(v):.1f}" r="3" fill="{colour}"/>')
-        ly = top + 6 + 16 * n
-        lx = x0 + left + 10
+        for i, v in shown:
+            out.append(f'<circle cx="{px(i):.1f}" cy="{py(v):.1f}" r="3" fill="{colour}"/>')
+        lx = x0 + left + (n % 2) * 170
+        ly = top + plot_h + 58 + 16 * (n // 2)
         out.append(
             f'<line x1="{lx}" y1="{ly}" x2="{lx + 24}" y2="{ly}" stroke="{colour}" '
             f'stroke-width="2"{dash}/>'
@@ -466,15 +491,16 @@ def chart(name: str, data: dict[str, Any], machine: str) -> str:
             ("floor p99", "floor", True, pick("floor", False, "unit_p99_us")),
             ("primed p99", "primed", True, pick("primed", False, "unit_p99_us")),
         ],
+        log=True,
     )
     body = "\n".join(
         [
-            '<svg xmlns="http://www.w3.org/2000/svg" width="840" height="330" '
-            'viewBox="0 0 840 330" font-family="sans-serif" font-size="12">',
-            '<rect width="840" height="330" fill="white"/>',
+            '<svg xmlns="http://www.w3.org/2000/svg" width="840" height="360" '
+            'viewBox="0 0 840 360" font-family="sans-serif" font-size="12">',
+            '<rect width="840" height="360" fill="white"/>',
             *left,
             *right,
-            f'<text x="10" y="322" fill="#555">{escape(machine)}</text>',
+            f'<text x="10" y="350" fill="#555">{escape(machine)}</text>',
             "</svg>",
         ]
     )

@@ -371,8 +371,9 @@ def _worker(
     go: int,
     out: str,
 ) -> None:
-    """A throughput client process: connect, say ready, run from the go signal to the
-    deadline it carries, write {"units", "latency_ns"} to ``out``."""
+    """A throughput client process: connect, warm up, say ready, then run units from
+    the go signal until the deadline it carries (finishing the one under way), and
+    write {"units", "end", "latency_ns"} to ``out``."""
     client: Any
     if kind == "floor":
         client = floor.Client(path)
@@ -387,16 +388,16 @@ def _worker(
     clock = time.perf_counter_ns
     units = 0
     latencies: list[int] = []
-    while time.monotonic() < deadline:
+    end = time.monotonic()
+    while end < deadline:
         start = clock()
         unit(client)
-        if time.monotonic() > deadline:
-            break
+        end = time.monotonic()
         units += 1
         if len(latencies) < LATENCY_SAMPLES:
             latencies.append(clock() - start)
     client.close()
-    Path(out).write_text(json.dumps({"units": units, "latency_ns": latencies}))
+    Path(out).write_text(json.dumps({"units": units, "end": end, "latency_ns": latencies}))
 
 
 def throughput(
@@ -413,8 +414,9 @@ def throughput(
     """``clients`` processes allocating and releasing on ``path`` for ``duration`` seconds,
     each with ``window`` requests of each kind in flight (1: not pipelined).
 
-    Returns pairs per second, and the median and p99 time of one unit (one pair,
-    or ``window`` pairs when pipelined) in microseconds.
+    Returns pairs per second (every unit begun before the deadline counts, over the
+    time until the last one ended), and the median and p99 time of one unit (one
+    pair, or ``window`` pairs when pipelined) in microseconds.
     """
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -454,6 +456,7 @@ def throughput(
         for pid in pids:
             os.waitpid(pid, 0)
     units = 0
+    end = start + duration
     latencies: list[int] = []
     for out in outs:
         result = json.loads(Path(out).read_text())
@@ -461,10 +464,11 @@ def throughput(
         if "error" in result:
             raise RuntimeError(f"a {kind} client failed: {result['error']}")
         units += result["units"]
+        end = max(end, result["end"])
         latencies += result["latency_ns"]
     latency = stats(latencies)
     return {
-        "pairs_per_s": units * window / duration,
+        "pairs_per_s": units * window / (end - start),
         "unit_median_us": latency["median_us"],
         "unit_p99_us": latency["p99_us"],
     }

@@ -661,6 +661,8 @@ class Listed(Reply):
     entries: tuple[ClientEntry, ...] | tuple[BufferEntry, ...]
 
     def _body(self) -> bytes:
+        if self.what not in (LIST_CLIENTS, LIST_BUFFERS):  # even with no entries
+            raise LocalProtocolError(f"LISTED of unknown kind {self.what}")
         out = [self._HEAD.packer.pack(self.what, len(self.entries), self.next)]
         for entry in self.entries:
             if isinstance(entry, ClientEntry) and self.what == LIST_CLIENTS:

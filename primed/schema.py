@@ -22,6 +22,7 @@ from typing import Any
 from construct import (
     Array,
     Bytes,
+    Check,
     Const,
     Int8ul,
     Int16ul,
@@ -312,6 +313,7 @@ BODIES: dict[Opcode, Any] = {
     Opcode.OPEN_BUFFER: Struct(*OPEN_BUFFER_HEAD.subcons, Terminated),
     Opcode.LISTED: Struct(
         *LISTED_HEAD.subcons,
+        Check((this.what == 1) | (this.what == 2)),  # a page of no entries has a kind too
         "entries"
         / Array(
             this.count,

@@ -529,21 +529,30 @@ class Daemon:
     async def _open_shared(
         self, sock: trio.socket.SocketType, session: Session, serial: int, request: OpenShared
     ) -> None:
+        # Wait first: a token looked up before an await may be revoked, used up or
+        # released (its buffer freed, its GEM handle or fd number reused) by then.
+        await self._room(sock)
         entry = self.tokens.get(request.token)
         if entry is None or (entry.uids and session.uid not in entry.uids):
             await self._fail(sock, session, serial, ErrorCode.UNKNOWN_TOKEN, _NO_TOKEN)
             return
-        if await self._hand_over(sock, session, serial, entry.owner.buffers[entry.id]):
-            if entry.once:
-                self._forget(request.token)
+        once = request.token if entry.once else None
+        if await self._hand_over(sock, session, serial, entry.owner.buffers[entry.id], once):
             log.debug("%s opened a buffer of %s", session, entry.owner)
 
     async def _hand_over(
-        self, sock: trio.socket.SocketType, session: Session, serial: int, allocation: Allocation
+        self,
+        sock: trio.socket.SocketType,
+        session: Session,
+        serial: int,
+        allocation: Allocation,
+        once: bytes | None = None,
     ) -> bool:
         """Send a fresh fd of someone else's buffer (as an ALLOCATED of one, id 0: it stays
-        its owner's). False if the export failed (the Error was sent)."""
-        await self._room(sock)
+        its owner's). False if the export failed (the Error was sent).
+
+        The caller looked ``allocation`` up after its last await: it is exported before
+        anything else can run, and the single-use token ``once`` is spent at once."""
         try:
             fd = self.backend.export(allocation)
         except KernelError as e:
@@ -551,6 +560,8 @@ class Daemon:
                 sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
             )
             return False
+        if once is not None:
+            self._forget(once)
         try:
             info = BufferInfo(
                 0,
@@ -686,6 +697,7 @@ class Daemon:
                 "only root and the admin group open other clients' buffers",
             )
             return
+        await self._room(sock)  # before the lookup, as in _open_shared
         owner = next((s for s in self.sessions if s.number == request.client), None)
         allocation = owner.buffers.get(request.id) if owner else None
         if allocation is None:

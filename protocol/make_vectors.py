@@ -19,13 +19,20 @@ from pathlib import Path
 from primed import formats
 from primed.errors import ErrorCode
 from primed.protocol import (
+    LIST_BUFFERS,
+    LIST_CLIENTS,
     Allocate,
     Allocated,
+    BufferEntry,
     BufferInfo,
+    ClientEntry,
     Error,
     FormatInfo,
     Hello,
+    List,
+    Listed,
     Message,
+    OpenBuffer,
     OpenShared,
     Passed,
     Queried,
@@ -38,10 +45,12 @@ from primed.protocol import (
     Revoked,
     Share,
     Shared,
+    Statistics,
+    Stats,
     Welcome,
     encode,
 )
-from primed.schema import VERSION, Backend
+from primed.schema import VERSION, Backend, Opcode
 
 OUT = Path(__file__).resolve().parent / "vectors"
 INDEX = "vectors.json"
@@ -86,6 +95,10 @@ TOKEN = bytes.fromhex("5c1e9a0f3b7d24e8a6c90b15f2d8437e")
 # What a client holds after allocated_xr24, allocated_nv12 and allocated_yu12.
 HELD = (_buffer(1, 1366, 768, "XR24"), _buffer(2, 1920, 1080, "NV12"), _buffer(3, 640, 480, "YU12"))
 QUERY_FORMATS = tuple(_format(code) for code in ("XR24", "NV12", "YU12", "P010"))
+HELD_BYTES = sum(b.size for b in HELD)
+# When the listed clients connected: milliseconds since the Unix epoch (2026-01-01 00:00:00 UTC,
+# and a minute later).
+SINCE = (1_767_225_600_000, 1_767_225_660_000)
 
 VECTORS = (
     Vector("hello", 1, Hello(VERSION, VERSION, "kmscube"), "handshake, version 1 only"),
@@ -209,7 +222,7 @@ VECTORS = (
             64,
             256 << 20,
             len(HELD),
-            sum(b.size for b in HELD),
+            HELD_BYTES,
         ),
         "answer to query: four of the formats, LINEAR only, quotas of 64 buffers and 256 MiB, "
         "three buffers held (those of allocated_xr24, allocated_nv12, allocated_yu12)",
@@ -234,6 +247,77 @@ VECTORS = (
             0,
         ),
         "memfd backend: no node path, no quota, nothing held yet",
+    ),
+    Vector(
+        "list_clients", 15, List(LIST_CLIENTS), "the first page of the clients this one may see"
+    ),
+    Vector(
+        "list_buffers_page2",
+        16,
+        List(LIST_BUFFERS, 1000),
+        "the second page of buffers: start is the first page's next (pages of 1000 buffers)",
+    ),
+    Vector("stats", 17, Stats(), "the daemon's counters: an empty body"),
+    Vector(
+        "open_buffer",
+        18,
+        OpenBuffer(1, 2),
+        "root or the admin group: buffer 2 of client 1 (answered like open_shared: an ALLOCATED "
+        "of one buffer, id 0)",
+    ),
+    Vector(
+        "listed_clients",
+        15,
+        Listed(
+            LIST_CLIENTS,
+            0,
+            (
+                ClientEntry(1, 2817, 1000, 1000, SINCE[0], len(HELD), HELD_BYTES, "capture-vidéo"),
+                ClientEntry(2, 2903, 0, 0, SINCE[1], 0, 0, ""),
+            ),
+        ),
+        "answer to list_clients, as root (client 2, no name) sees it: client 1 holds the three "
+        "buffers of allocated_xr24, allocated_nv12 and allocated_yu12; next 0: the last page",
+    ),
+    Vector(
+        "listed_buffers",
+        19,
+        Listed(
+            LIST_BUFFERS,
+            3,
+            tuple(
+                BufferEntry(1, b.id, b.width, b.height, b.fourcc, b.size, age, tokens)
+                for b, age, tokens in zip(HELD, (61_234, 60_875, 60_012), (0, 2, 0), strict=True)
+            ),
+        ),
+        "a first page of three buffers, client 1's in the order allocated (buffer 2 has two live "
+        "tokens); next 3: more follow from position 3. A page may hold fewer than the most (this "
+        "daemon's are full but the last): only next 0 ends a listing",
+    ),
+    Vector(
+        "statistics",
+        17,
+        Statistics(
+            3_600_000,
+            2,
+            len(HELD),
+            HELD_BYTES,
+            2,
+            (
+                (1, Opcode.HELLO, 2),
+                (1, Opcode.ALLOCATE, 3),
+                (1, Opcode.SHARE, 2),
+                (1, Opcode.LIST, 2),
+                (1, Opcode.STATS, 1),
+                (2, ErrorCode.UNKNOWN_OPCODE, 1),
+                (2, ErrorCode.PERMISSION_DENIED, 1),
+                (3, 1, 0),
+                (3, 2, 1),
+            ),
+        ),
+        "answer to stats after an hour: requests by opcode (this STATS included), ERROR replies "
+        "by code (the PERMISSION_DENIED of the one refused connection), and the two events, "
+        "no malformed message and one refused connection",
     ),
     Vector(
         "buffer_passed",

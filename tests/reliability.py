@@ -357,3 +357,68 @@ def fd_sources() -> dict[str, FdKind]:
 def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+# --- load ---------------------------------------------------------------------------------
+
+#: Run as ``python -c LOAD SOCKET CONNECTIONS HELD ROUNDS SEED``: opens CONNECTIONS
+#: clients holding HELD buffers each, says "ready", waits for a line, then does
+#: ROUNDS rounds on random clients (release one buffer and allocate another; every
+#: 4th round share it once and open it from another client; every 8th a query),
+#: timing every request; prints its latencies and holds everything until stdin closes.
+LOAD = r"""
+import json, random, sys, time
+import primed
+path, conns, held, rounds, seed = sys.argv[1], *map(int, sys.argv[2:])
+rng = random.Random(seed)
+latencies, setup = [], []
+
+def timed(call, *args, **kwargs):
+    started = time.perf_counter()
+    result = call(*args, **kwargs)
+    latencies.append(time.perf_counter() - started)
+    return result
+
+clients = []
+for n in range(conns):
+    started = time.perf_counter()
+    client = primed.connect(path, name=f"load {seed}:{n}")
+    bufs = client.allocate(64, 64, "XR24", count=held)
+    setup.append(time.perf_counter() - started)
+    assert len(bufs) == held
+    clients.append((client, bufs))
+print("ready", flush=True)
+sys.stdin.readline()
+requests = 0
+started = time.perf_counter()
+for r in range(rounds):
+    client, bufs = rng.choice(clients)
+    i = rng.randrange(held)
+    assert timed(client.release, bufs[i]) == 1
+    bufs[i] = timed(client.allocate, 64, 64, "XR24")
+    requests += 2
+    if r % 4 == 0:
+        token = timed(client.share, bufs[i], once=True)
+        other = rng.choice(clients)[0]
+        timed(other.open_shared, token).close()
+        requests += 2
+    if r % 8 == 0:
+        assert timed(client.query).used_buffers == held
+        requests += 1
+elapsed = time.perf_counter() - started
+for client, bufs in clients:
+    assert client.query().used_buffers == held
+print(json.dumps({"requests": requests, "elapsed": elapsed, "latencies": latencies,
+                  "setup": setup}), flush=True)
+sys.stdin.readline()
+for client, _ in clients:
+    client.close()
+"""
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")

@@ -37,7 +37,9 @@ def main(folder: str, output: str) -> int:
         else []
     )
     entries = [json.loads(line) for line in lines]
-    states = outcomes(results / "junit.xml")
+    states: dict[str, str] = {}
+    for junit in sorted(results.glob("junit*.xml")):  # the host tier's, the VM's
+        states.update(outcomes(junit))
     failed = [name for name, state in states.items() if state != "passed"]
     full = all(e["full"] for e in entries) if entries else False
     out = [
@@ -46,7 +48,8 @@ def main(folder: str, output: str) -> int:
         "Written by `scripts/reliability` (full counts; `--reduced` gives CI's) from the "
         "figures the tests themselves recorded in that run; edit nothing here by hand.",
         "",
-        f"Run: {time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.system()} {platform.release()}, "
+        f"Run: {time.strftime('%Y-%m-%d %H:%M %Z')}, host {platform.system()} {platform.release()} "
+        "(tier vm: the kernel its rows name), "
         f"Python {platform.python_version()}, counts: {'full' if full else 'reduced'}; "
         f"{len(states)} tests, {len(states) - len(failed)} passed"
         + (f", not passed: {', '.join(failed)}" if failed else "")

@@ -19,13 +19,20 @@ from primed import protocol, schema
 from primed.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from primed.protocol import (
     HEADER_SIZE,
+    LIST_BUFFERS,
+    LIST_CLIENTS,
     Allocate,
     Allocated,
+    BufferEntry,
     BufferInfo,
+    ClientEntry,
     Error,
     FormatInfo,
     Hello,
+    List,
+    Listed,
     Message,
+    OpenBuffer,
     OpenShared,
     Passed,
     Queried,
@@ -38,11 +45,14 @@ from primed.protocol import (
     Revoked,
     Share,
     Shared,
+    Statistics,
+    Stats,
     UnknownOpcode,
     Welcome,
 )
 from primed.schema import (
     MAX_FDS,
+    MAX_MESSAGE,
     MAX_NAME,
     MAX_RELEASE,
     MAX_TEXT,
@@ -85,11 +95,21 @@ HEADS = {
     Opcode.SHARED: schema.TOKEN_HEAD,
     Opcode.REVOKED: schema.EMPTY_HEAD,
     Opcode.QUERIED: schema.QUERIED_HEAD,
+    Opcode.LIST: schema.LIST_HEAD,
+    Opcode.STATS: schema.EMPTY_HEAD,
+    Opcode.OPEN_BUFFER: schema.OPEN_BUFFER_HEAD,
+    Opcode.LISTED: schema.LISTED_HEAD,
+    Opcode.STATISTICS: schema.STATISTICS_HEAD,
     Opcode.BUFFER: schema.PASSED_HEAD,
 }
 RECORD = 72
 FORMAT_RECORD = 12
 QUERIED_HEAD_SIZE = 76
+LISTED_HEAD_SIZE = 8
+CLIENT_ENTRY = 40  # then the client's name
+BUFFER_ENTRY = 48
+STATISTICS_HEAD_SIZE = 32
+COUNTER = 16
 BAD_UTF8 = [b"\xff", b"\xc3", b"a\x80", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
 
 each_vector = pytest.mark.parametrize(
@@ -163,6 +183,16 @@ querieds = st.builds(
     u64,
     u64,
 )
+lists = st.builds(List, u16, u32)
+open_buffers = st.builds(OpenBuffer, u32, u64)
+client_entries = st.builds(ClientEntry, u32, i32, u32, u32, u64, u32, u64, utf8(MAX_NAME))
+buffer_entries = st.builds(BufferEntry, u32, u64, u32, u32, u32, u64, u64, u32)
+listeds = st.builds(
+    Listed, st.just(LIST_CLIENTS), u32, st.lists(client_entries, max_size=8).map(tuple)
+) | st.builds(Listed, st.just(LIST_BUFFERS), u32, st.lists(buffer_entries, max_size=8).map(tuple))
+statisticses = st.builds(
+    Statistics, u64, u32, u32, u64, u32, st.lists(st.tuples(u16, u16, u64), max_size=32).map(tuple)
+)
 passeds = st.builds(Passed, st.sampled_from(Backend), buffers)
 messages = st.one_of(
     hellos,
@@ -179,6 +209,11 @@ messages = st.one_of(
     shareds,
     st.just(Revoked()),
     querieds,
+    lists,
+    st.just(Stats()),
+    open_buffers,
+    listeds,
+    statisticses,
     passeds,
 )
 
@@ -216,6 +251,32 @@ def _format_record(info: FormatInfo) -> dict[str, Any]:
         "hsub": info.hsub,
         "vsub": info.vsub,
         **{f"cpp{i}": cpp[i] for i in range(4)},
+    }
+
+
+def _entry_record(entry: ClientEntry | BufferEntry) -> dict[str, Any]:
+    if isinstance(entry, BufferEntry):
+        return {
+            "client": entry.client,
+            "tokens": entry.tokens,
+            "id": entry.id,
+            "width": entry.width,
+            "height": entry.height,
+            "fourcc": entry.fourcc,
+            "size": entry.size,
+            "age_ms": entry.age_ms,
+        }
+    name = entry.name.encode()
+    return {
+        "number": entry.number,
+        "pid": entry.pid,
+        "uid": entry.uid,
+        "gid": entry.gid,
+        "since_ms": entry.since_ms,
+        "buffers": entry.buffers,
+        "name_len": len(name),
+        "bytes": entry.held_bytes,
+        "name": name,
     }
 
 
@@ -285,8 +346,32 @@ def layout(message: Message, serial: int) -> dict[str, Any]:
             }
         case OpenShared() | Revoke() | Shared():
             body = {"token": message.token}
-        case Query() | Revoked():
+        case Query() | Revoked() | Stats():
             body = {}
+        case List():
+            body = {"what": message.what, "start": message.start}
+        case OpenBuffer():
+            body = {"client": message.client, "id": message.id}
+        case Listed():
+            body = {
+                "what": message.what,
+                "count": len(message.entries),
+                "next": message.next,
+                "entries": [_entry_record(e) for e in message.entries],
+            }
+        case Statistics():
+            body = {
+                "uptime_ms": message.uptime_ms,
+                "clients": message.clients,
+                "buffers": message.buffers,
+                "bytes": message.held_bytes,
+                "tokens": message.tokens,
+                "ncounters": len(message.counters),
+                "counters": [
+                    {"kind": kind, "key": key, "count": count}
+                    for kind, key, count in message.counters
+                ],
+            }
         case Queried():
             driver, node = message.driver.encode(), message.node.encode()
             major, minor, patch = message.driver_version
@@ -326,6 +411,14 @@ def _buffer(r: Any) -> BufferInfo:
 
 def _format(r: Any) -> FormatInfo:
     return FormatInfo(r.fourcc, tuple(r[f"cpp{i}"] for i in range(r.nplanes)), r.hsub, r.vsub)
+
+
+def _entry(what: int, r: Any) -> ClientEntry | BufferEntry:
+    if what == LIST_CLIENTS:
+        return ClientEntry(
+            r.number, r.pid, r.uid, r.gid, r.since_ms, r.buffers, r.bytes, r.name.decode()
+        )
+    return BufferEntry(r.client, r.id, r.width, r.height, r.fourcc, r.size, r.age_ms, r.tokens)
 
 
 def parsed(result: Any) -> tuple[int, int, Message]:
@@ -386,6 +479,18 @@ def parsed(result: Any) -> tuple[int, int, Message]:
                 b.used_buffers,
                 b.used_bytes,
             )
+        case Opcode.LIST:
+            message = List(b.what, b.start)
+        case Opcode.STATS:
+            message = Stats()
+        case Opcode.OPEN_BUFFER:
+            message = OpenBuffer(b.client, b.id)
+        case Opcode.LISTED:
+            entries: Any = tuple(_entry(b.what, r) for r in b.entries)
+            message = Listed(b.what, b.next, entries)
+        case Opcode.STATISTICS:
+            counters = tuple((c.kind, c.key, c.count) for c in b.counters)
+            message = Statistics(b.uptime_ms, b.clients, b.buffers, b.bytes, b.tokens, counters)
         case Opcode.BUFFER:
             message = Passed(Backend(b.backend), _buffer(b.buffer))
     return result.header.serial, result.header.nfds, message
@@ -484,6 +589,13 @@ def test_fast_path_is_the_schema(message: Message, serial: int) -> None:
         "EMPTY_HEAD",
         "QUERIED_HEAD",
         "FORMAT",
+        "LIST_HEAD",
+        "OPEN_BUFFER_HEAD",
+        "LISTED_HEAD",
+        "CLIENT_ENTRY",
+        "BUFFER_ENTRY",
+        "STATISTICS_HEAD",
+        "COUNTER",
         "PASSED_HEAD",
     ],
 )
@@ -530,6 +642,13 @@ def test_sizes_that_clients_hard_code() -> None:
     assert schema.fixed(schema.TOKEN_HEAD).size == TOKEN_SIZE == 16
     assert schema.fixed(schema.EMPTY_HEAD).size == 0
     assert schema.fixed(schema.PASSED_HEAD).size + RECORD == 76
+    assert schema.fixed(schema.LIST_HEAD).size == 8
+    assert schema.fixed(schema.OPEN_BUFFER_HEAD).size == 16
+    assert schema.fixed(schema.LISTED_HEAD).size == LISTED_HEAD_SIZE
+    assert schema.fixed(schema.CLIENT_ENTRY).size == CLIENT_ENTRY
+    assert schema.fixed(schema.BUFFER_ENTRY).size == BUFFER_ENTRY
+    assert schema.fixed(schema.STATISTICS_HEAD).size == STATISTICS_HEAD_SIZE
+    assert schema.fixed(schema.COUNTER).size == COUNTER
 
 
 def test_opcode_ranges() -> None:
@@ -539,6 +658,39 @@ def test_opcode_ranges() -> None:
     tables = (set(protocol.REQUESTS), set(protocol.REPLIES), set(protocol.PEER))
     assert sum(len(t) for t in tables) == len(set.union(*tables)) == len(Opcode)
     assert set.union(*tables) == set(Opcode)
+
+
+#: A counter of each kind, at the top of every field.
+_COUNTERS = ((1, 2**16 - 1, 2**64 - 1), (2, 2**16 - 1, 2**64 - 1), (3, 2**16 - 1, 2**64 - 1))
+
+
+def _full_page(what: int, count: int) -> Listed:
+    """A LISTED of ``count`` entries, each as long as it can be, every field at its top."""
+    if what == LIST_CLIENTS:
+        client = ClientEntry(
+            2**32 - 1, -(2**31), 2**32 - 1, 2**32 - 1, 2**64 - 1, 2**32 - 1, 2**64 - 1,
+            "é" * 127 + "n",
+        )  # fmt: skip
+        return Listed(what, 2**32 - 1, (client,) * count)
+    entry = BufferEntry(
+        2**32 - 1, 2**64 - 1, 2**32 - 1, 2**32 - 1, 2**32 - 1, 2**64 - 1, 2**64 - 1, 2**32 - 1
+    )
+    return Listed(what, 2**32 - 1, (entry,) * count)
+
+
+def test_a_full_page_fits_one_datagram() -> None:
+    from primed.server import LIST_PAGE_BUFFERS, LIST_PAGE_CLIENTS
+
+    assert (LIST_PAGE_CLIENTS, LIST_PAGE_BUFFERS) == (200, 1000)  # as PROTOCOL.md says
+    clients = protocol.encode(_full_page(LIST_CLIENTS, LIST_PAGE_CLIENTS), 1)
+    assert len(clients) == HEADER_SIZE + LISTED_HEAD_SIZE + 200 * (CLIENT_ENTRY + MAX_NAME)
+    buffers = protocol.encode(_full_page(LIST_BUFFERS, LIST_PAGE_BUFFERS), 1)
+    assert len(buffers) == HEADER_SIZE + LISTED_HEAD_SIZE + 1000 * BUFFER_ENTRY
+    assert max(len(clients), len(buffers)) <= MAX_MESSAGE
+    # The daemon counts at most every request opcode and every error code, and 2 events.
+    counters = len(protocol.REQUESTS) + len(ErrorCode) + 2
+    statistics = Statistics(0, 0, 0, 0, 0, ((1, 1, 1),) * counters)
+    assert len(protocol.encode(statistics, 1)) < 1024
 
 
 def test_limits_at_the_boundary_round_trip() -> None:
@@ -562,6 +714,11 @@ def test_limits_at_the_boundary_round_trip() -> None:
             *(2**64 - 1,) * 4,
         ),
         Passed(Backend.MEMFD, BufferInfo(2**64 - 1, 1, 1, 1, 2**64 - 1, 1, ((1, 2),) * 4)),
+        List(2**16 - 1, 2**32 - 1),
+        OpenBuffer(2**32 - 1, 2**64 - 1),
+        _full_page(LIST_CLIENTS, 200),
+        _full_page(LIST_BUFFERS, 1000),
+        Statistics(2**64 - 1, 2**32 - 1, 2**32 - 1, 2**64 - 1, 2**32 - 1, _COUNTERS * 100),
     ):
         data = protocol.encode(message, 3)
         assert len(data) <= schema.MAX_MESSAGE
@@ -577,6 +734,18 @@ def test_limits_at_the_boundary_round_trip() -> None:
         pytest.param(
             Passed(Backend.MEMFD, BufferInfo(0, 0, 0, 0, 2**64 - 1, 0, ((0, 0),))),
             id="BUFFER of zeros, unknown modifier",
+        ),
+        pytest.param(List(0), id="LIST of kind 0 (INVALID_ARGUMENT is the daemon's to say)"),
+        pytest.param(List(3, 2**32 - 1), id="LIST of kind 3, start past any end"),
+        pytest.param(OpenBuffer(0, 0), id="OPEN_BUFFER of client 0, id 0"),
+        pytest.param(Listed(LIST_CLIENTS, 7, ()), id="an empty page that says more follow"),
+        pytest.param(
+            Listed(LIST_BUFFERS, 0, (BufferEntry(2, 9, 0, 0, 0, 0, 0, 0),) * 2),
+            id="LISTED buffers repeated, of sizes 0",
+        ),
+        pytest.param(
+            Statistics(0, 0, 0, 0, 0, ((4, 1, 1), (0, 0, 0), (3, 99, 5), (1, 2, 1), (1, 2, 1))),
+            id="STATISTICS of unknown kinds and keys, out of order, repeated",
         ),
     ],
 )
@@ -725,10 +894,25 @@ def test_tokens_have_16_bytes(opcode: Opcode, length: int) -> None:
         schema.MESSAGE.parse(datagram(opcode, bytes(range(length))))
 
 
-@pytest.mark.parametrize(("opcode", "kind"), [(Opcode.QUERY, "request"), (Opcode.REVOKED, "reply")])
+@pytest.mark.parametrize(
+    ("opcode", "kind"),
+    [(Opcode.QUERY, "request"), (Opcode.REVOKED, "reply"), (Opcode.STATS, "request")],
+)
 @pytest.mark.parametrize("body", [b"\x00", bytes(4), bytes(TOKEN_SIZE)])
 def test_empty_bodies_must_be_empty(opcode: Opcode, kind: Kind, body: bytes) -> None:
     refused(datagram(opcode, body), 0, kind)
+    with pytest.raises(construct.ConstructError):
+        schema.MESSAGE.parse(datagram(opcode, body))
+
+
+@pytest.mark.parametrize(("opcode", "size"), [(Opcode.LIST, 8), (Opcode.OPEN_BUFFER, 16)])
+@pytest.mark.parametrize("change", [-8, -1, 1, 8])
+def test_fixed_requests_have_their_size(opcode: Opcode, size: int, change: int) -> None:
+    assert protocol.decode(datagram(opcode, bytes(size)), 0, "request")  # zeros are well-formed
+    data = datagram(opcode, bytes(size + change))
+    refused(data, 0, "request")
+    with pytest.raises(construct.ConstructError):
+        schema.MESSAGE.parse(data)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -817,6 +1001,17 @@ def test_counts_over_the_caps_are_refused_cheaply() -> None:
         struct.pack_into("<H", long, field, MAX_NAME + 1)
         refused_cheaply(datagram(Opcode.QUERIED, bytes(long) + b"x" * (MAX_NAME + 2)), 0, "reply")
 
+    for message in (
+        Listed(LIST_CLIENTS, 0, (ClientEntry(1, 1, 1, 1, 1, 1, 1, "n" * MAX_NAME),) * 2),
+        Listed(LIST_BUFFERS, 0, (BufferEntry(1, 1, 1, 1, 1, 1, 1, 1),) * 2),
+    ):
+        page = protocol.encode(message, 1)[HEADER_SIZE:]  # count 2, body of 2: say 0xFFFF
+        refused_cheaply(datagram(Opcode.LISTED, _put(page, 2, "<H", 0xFFFF)), 0, "reply")
+    statistics = protocol.encode(Statistics(1, 1, 1, 1, 1, ((1, 1, 1),) * 2), 1)[HEADER_SIZE:]
+    for ncounters in (3, 2**32 - 1):
+        body = _put(statistics, STATISTICS_HEAD_SIZE - 4, "<I", ncounters)
+        refused_cheaply(datagram(Opcode.STATISTICS, body), 0, "reply")
+
 
 def _queried(**changes: Any) -> Queried:
     """A small QUERIED reply, with ``changes``."""
@@ -886,11 +1081,155 @@ def test_strings_must_be_utf8(bad: bytes) -> None:
         (Welcome(1, Backend.DRM, 1, 1, 1, 1, "driver", (0, 0, 0), filler), 0),
         (_queried(driver=filler), 4),
         (_queried(node=filler), 0),
+        (Listed(LIST_CLIENTS, 0, (_client(1, filler), _client(2, ""))), CLIENT_ENTRY),
     ]
     for message, after in cases:
         data = protocol.encode(message, 1)
         start = len(data) - after - len(bad)
         refused(data[:start] + bad + data[start + len(bad) :], 0, kind_of(message))
+
+
+# LISTED and STATISTICS: kinds, entries and counters.
+
+
+def _client(number: int = 1, name: str = "n") -> ClientEntry:
+    return ClientEntry(number, 100, 1000, 1000, 1_767_225_600_000, 1, 4096, name)
+
+
+_ENTRY = BufferEntry(1, 1, 64, 64, 0x34325258, 16384, 5, 0)
+
+
+def _listed(what: int) -> pytest.MarkDecorator:
+    """Parametrize a test with the LISTED vectors of kind ``what`` as (data, nfds, kind)."""
+    chosen = [
+        v
+        for v in VECTORS
+        if _HEADER.unpack_from(v[1])[0] == Opcode.LISTED
+        and struct.unpack_from("<H", v[1], HEADER_SIZE)[0] == what
+    ]
+    assert chosen
+    return pytest.mark.parametrize(
+        ("data", "nfds", "kind"), [v[1:] for v in chosen], ids=[v[0] for v in chosen]
+    )
+
+
+def _client_entries(data: bytes) -> list[int]:
+    """Datagram offsets of the client entries of a LISTED of clients."""
+    count = struct.unpack_from("<H", data, HEADER_SIZE + 2)[0]
+    found, at = [], HEADER_SIZE + LISTED_HEAD_SIZE
+    for _ in range(count):
+        found.append(at)
+        at += CLIENT_ENTRY + struct.unpack_from("<H", data, at + 28)[0]
+    assert at == len(data)
+    return found
+
+
+def refused_by_all(data: bytes, nfds: int, kind: Kind) -> None:
+    """refused(), and the schema, plain and compiled, refuses it too.
+
+    Compiled construct unpacks fixed fields with ``struct`` directly, so a body cut short
+    fails there with struct.error rather than a ConstructError.
+    """
+    refused(data, nfds, kind)
+    with pytest.raises(construct.ConstructError):
+        schema.MESSAGE.parse(data)
+    with pytest.raises((construct.ConstructError, struct.error)):
+        COMPILED.parse(data)
+
+
+@pytest.mark.parametrize("what", [0, 3, 0x8001, 0xFFFF])
+def test_listed_of_unknown_kind_is_refused(what: int) -> None:
+    bodies = [
+        struct.pack("<HHI", what, 0, 0),  # no entries: the kind is still checked
+        struct.pack("<HHI", what, 1, 0)
+        + protocol.encode(Listed(LIST_BUFFERS, 0, (_ENTRY,)), 1)[HEADER_SIZE + LISTED_HEAD_SIZE :],
+        struct.pack("<HHI", what, 1, 0)
+        + protocol.encode(Listed(LIST_CLIENTS, 0, (_client(),)), 1)[
+            HEADER_SIZE + LISTED_HEAD_SIZE :
+        ],
+    ]
+    for body in bodies:
+        refused_by_all(datagram(Opcode.LISTED, body), 0, "reply")
+    for _, data, nfds, kind in VECTORS:
+        if _HEADER.unpack_from(data)[0] == Opcode.LISTED:
+            refused_by_all(_put(data, HEADER_SIZE, "<H", what), nfds, kind)
+
+
+@_listed(LIST_CLIENTS)
+def test_client_entries_are_checked(data: bytes, nfds: int, kind: Kind) -> None:
+    entries = _client_entries(data)
+    count = len(entries)
+    for wrong in {0, count - 1, count + 1, 0xFFFF} - {count, -1}:
+        refused(_put(data, HEADER_SIZE + 2, "<H", wrong), nfds, kind)
+    refused_by_all(_put(data, HEADER_SIZE, "<H", LIST_BUFFERS), nfds, kind)
+    for at in entries:
+        for value in (1, 0x8000):  # the reserved field after name_len
+            bad = _put(data, at + 30, "<H", value)
+            refused(bad, nfds, kind)
+            with pytest.raises(construct.ConstError):
+                schema.MESSAGE.parse(bad)
+        name_len = struct.unpack_from("<H", data, at + 28)[0]
+        for wrong in {0, name_len - 1, name_len + 1, MAX_NAME + 1, 0xFFFF} - {name_len, -1}:
+            refused(_put(data, at + 28, "<H", wrong), nfds, kind)
+
+
+@pytest.mark.parametrize("name_len", [MAX_NAME + 1, 0x8000, 0xFFFF])
+def test_client_names_over_255_bytes_are_refused(name_len: int) -> None:
+    record = protocol.encode(Listed(LIST_CLIENTS, 0, (_client(name=""),)), 1)[
+        HEADER_SIZE + LISTED_HEAD_SIZE :
+    ]
+    record = _put(record, 28, "<H", name_len)
+    body = struct.pack("<HHI", LIST_CLIENTS, 1, 0) + record + b"n" * name_len
+    refused_cheaply(datagram(Opcode.LISTED, body), 0, "reply")
+
+
+@pytest.mark.parametrize(
+    "cut", range(1, CLIENT_ENTRY + 6), ids=[f"{n} bytes short" for n in range(1, CLIENT_ENTRY + 6)]
+)
+def test_client_entry_cut_short_is_refused(cut: int) -> None:
+    # The last entry has no name: the cut falls in its record, then in the name before it.
+    data = protocol.encode(Listed(LIST_CLIENTS, 0, (_client(1, "first"), _client(2, ""))), 1)
+    short = data[:-cut]
+    refused_by_all(reheader(short, size=len(short) - HEADER_SIZE), 0, "reply")
+
+
+@_listed(LIST_BUFFERS)
+def test_buffer_entries_are_checked(data: bytes, nfds: int, kind: Kind) -> None:
+    count = struct.unpack_from("<H", data, HEADER_SIZE + 2)[0]
+    assert len(data) == HEADER_SIZE + LISTED_HEAD_SIZE + count * BUFFER_ENTRY
+    for wrong in {0, count - 1, count + 1, 0xFFFF} - {count, -1}:
+        refused(_put(data, HEADER_SIZE + 2, "<H", wrong), nfds, kind)
+    refused_by_all(_put(data, HEADER_SIZE, "<H", LIST_CLIENTS), nfds, kind)
+    for k in range(count):
+        at = HEADER_SIZE + LISTED_HEAD_SIZE + k * BUFFER_ENTRY
+        for value in (1, 0x80000000):  # the reserved field after fourcc
+            bad = _put(data, at + 28, "<I", value)
+            refused(bad, nfds, kind)
+            with pytest.raises(construct.ConstError):
+                schema.MESSAGE.parse(bad)
+
+
+@_vectors_of(Opcode.STATISTICS)
+def test_statistics_counters_are_checked(data: bytes, nfds: int, kind: Kind) -> None:
+    ncounters = struct.unpack_from("<I", data, HEADER_SIZE + STATISTICS_HEAD_SIZE - 4)[0]
+    assert len(data) == HEADER_SIZE + STATISTICS_HEAD_SIZE + ncounters * COUNTER
+    for wrong in {0, ncounters - 1, ncounters + 1, 2**32 - 1} - {ncounters, -1}:
+        refused(_put(data, HEADER_SIZE + STATISTICS_HEAD_SIZE - 4, "<I", wrong), nfds, kind)
+    for k in range(ncounters):
+        at = HEADER_SIZE + STATISTICS_HEAD_SIZE + k * COUNTER
+        for value in (1, 0x80000000):  # the reserved field after kind and key
+            bad = _put(data, at + 4, "<I", value)
+            refused(bad, nfds, kind)
+            with pytest.raises(construct.ConstError):
+                schema.MESSAGE.parse(bad)
+
+
+@pytest.mark.parametrize(
+    "cut", range(1, COUNTER + 2), ids=[f"{n} bytes short" for n in range(1, COUNTER + 2)]
+)
+def test_statistics_counters_cut_short_are_refused(cut: int) -> None:
+    data = protocol.encode(Statistics(1, 1, 1, 1, 1, ((1, 1, 5), (3, 2, 0))), 1)[:-cut]
+    refused_by_all(reheader(data, size=len(data) - HEADER_SIZE), 0, "reply")
 
 
 # Whatever arrives, decode() answers with a message or a RemoteProtocolError.
@@ -986,6 +1325,36 @@ _WELCOME = (1, Backend.DRM, 1, 1, 1, 1)
         pytest.param(
             Passed(Backend.DRM, BufferInfo(2**64, 1, 1, 1, 0, 1, ((0, 4),))), id="BUFFER id 2**64"
         ),
+        pytest.param(List(2**16), id="LIST kind 2**16"),
+        pytest.param(List(LIST_BUFFERS, -1), id="LIST negative start"),
+        pytest.param(OpenBuffer(2**32, 1), id="OPEN_BUFFER client 2**32"),
+        pytest.param(OpenBuffer(1, 2**64), id="OPEN_BUFFER id 2**64"),
+        *(
+            pytest.param(Listed(what, 0, ()), id=f"LISTED of kind {what}, no entries")
+            for what in (0, 3, 2**16 - 1)
+        ),
+        pytest.param(Listed(3, 0, (_ENTRY,)), id="LISTED of kind 3"),
+        pytest.param(Listed(LIST_CLIENTS, 0, (_ENTRY,)), id="a buffer in a page of clients"),
+        pytest.param(Listed(LIST_BUFFERS, 0, (_client(),)), id="a client in a page of buffers"),
+        pytest.param(Listed(LIST_CLIENTS, 2**32, ()), id="LISTED next 2**32"),
+        pytest.param(
+            Listed(LIST_CLIENTS, 0, (_client(name="n" * (MAX_NAME + 1)),)),
+            id="LISTED name of 256 bytes",
+        ),
+        pytest.param(
+            Listed(LIST_CLIENTS, 0, (_client(name="\ud800"),)), id="LISTED name, lone surrogate"
+        ),
+        pytest.param(
+            Listed(LIST_CLIENTS, 0, (dataclasses.replace(_client(), pid=2**31),)), id="pid 2**31"
+        ),
+        pytest.param(
+            Listed(LIST_BUFFERS, 0, (dataclasses.replace(_ENTRY, age_ms=-1),)), id="age_ms -1"
+        ),
+        pytest.param(Listed(LIST_BUFFERS, 0, (_ENTRY,) * 1400), id="LISTED over 65536 bytes"),
+        pytest.param(Statistics(-1, 0, 0, 0, 0, ()), id="negative uptime"),
+        pytest.param(Statistics(0, 0, 0, 0, 0, ((2**16, 1, 1),)), id="counter kind 2**16"),
+        pytest.param(Statistics(0, 0, 0, 0, 0, ((1, 1, 2**64),)), id="count 2**64"),
+        pytest.param(Statistics(0, 0, 0, 0, 0, ((1, 1, 1),) * 4100), id="STATISTICS too large"),
     ],
 )
 def test_what_does_not_fit_is_a_local_error(message: Message) -> None:
@@ -1069,6 +1438,28 @@ loose_messages = st.one_of(
         wide,
         wide,
         wide,
+    ),
+    st.builds(List, wide, wide),
+    st.just(Stats()),
+    st.builds(OpenBuffer, wide, wide),
+    st.builds(
+        Listed,
+        st.sampled_from([LIST_CLIENTS, LIST_BUFFERS]) | wide,
+        wide,
+        st.lists(
+            st.builds(ClientEntry, wide, wide, wide, wide, wide, wide, wide, loose_text)
+            | st.builds(BufferEntry, wide, wide, wide, wide, wide, wide, wide, wide),
+            max_size=4,
+        ).map(tuple),
+    ),
+    st.builds(
+        Statistics,
+        wide,
+        wide,
+        wide,
+        wide,
+        wide,
+        st.lists(st.tuples(wide, wide, wide), max_size=4).map(tuple),
     ),
     st.builds(Passed, st.sampled_from(Backend), loose_buffers),
 )

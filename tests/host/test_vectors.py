@@ -19,13 +19,20 @@ import pytest
 
 from primed import protocol, schema
 from primed.protocol import (
+    LIST_BUFFERS,
+    LIST_CLIENTS,
     Allocate,
     Allocated,
+    BufferEntry,
     BufferInfo,
+    ClientEntry,
     Error,
     FormatInfo,
     Hello,
+    List,
+    Listed,
     Message,
+    OpenBuffer,
     OpenShared,
     Passed,
     Queried,
@@ -36,6 +43,8 @@ from primed.protocol import (
     Revoked,
     Share,
     Shared,
+    Statistics,
+    Stats,
     Welcome,
 )
 from primed.schema import Backend, Opcode
@@ -62,6 +71,17 @@ def _buffer(fields: dict[str, Any]) -> BufferInfo:
 
 def _format(fields: dict[str, Any]) -> FormatInfo:
     return FormatInfo(fields["fourcc"], tuple(fields["cpp"]), fields["hsub"], fields["vsub"])
+
+
+def _record(cls: type[ClientEntry | BufferEntry], fields: dict[str, Any]) -> Any:
+    """A LISTED entry from its JSON record, which names every field and nothing else."""
+    assert set(fields) == {field.name for field in dataclasses.fields(cls)}
+    return cls(**fields)
+
+
+def _entries(what: int, records: list[dict[str, Any]]) -> Any:
+    cls = {LIST_CLIENTS: ClientEntry, LIST_BUFFERS: BufferEntry}[what]
+    return tuple(_record(cls, r) for r in records)
 
 
 def _token(text: str) -> bytes:
@@ -129,6 +149,23 @@ def message_of(entry: dict[str, Any]) -> Message:
                 f["used_buffers"],
                 f["used_bytes"],
             )
+        case Opcode.LIST:
+            message = List(f["what"], f["start"])
+        case Opcode.STATS:
+            message = Stats()
+        case Opcode.OPEN_BUFFER:
+            message = OpenBuffer(f["client"], f["id"])
+        case Opcode.LISTED:
+            message = Listed(f["what"], f["next"], _entries(f["what"], f["entries"]))
+        case Opcode.STATISTICS:
+            message = Statistics(
+                f["uptime_ms"],
+                f["clients"],
+                f["buffers"],
+                f["held_bytes"],
+                f["tokens"],
+                tuple((kind, key, count) for kind, key, count in f["counters"]),
+            )
         case Opcode.BUFFER:
             message = Passed(Backend(f["backend"]), _buffer(f["buffer"]))
     assert set(f) == {field.name for field in dataclasses.fields(message)}
@@ -167,6 +204,32 @@ def test_vectors_cover_the_protocol() -> None:
     tokens = {m.token for m in messages if isinstance(m, Shared | OpenShared | Revoke)}
     assert len(tokens) == 1
     assert all(len(t) == schema.TOKEN_SIZE for t in tokens)
+
+    lists = [m for m in messages if isinstance(m, List)]
+    assert {m.what for m in lists} == {LIST_CLIENTS, LIST_BUFFERS}
+    assert any(m.start for m in lists)
+    pages = [m for m in messages if isinstance(m, Listed)]
+    names = [e.name for m in pages for e in m.entries if isinstance(e, ClientEntry)]
+    assert "" in names
+    assert any(not name.isascii() for name in names)
+    assert any(m.what == LIST_BUFFERS and m.next and m.entries for m in pages)
+    assert any(not m.next for m in pages)
+    statistics = [m for m in messages if isinstance(m, Statistics)]
+    counters = {(kind, key) for m in statistics for kind, key, _ in m.counters}
+    assert sum(kind == 1 for kind, _ in counters) > 1
+    assert sum(kind == 2 for kind, _ in counters) > 1
+    assert {(3, 1), (3, 2)} <= counters
+
+
+def test_listed_entries_are_in_order() -> None:
+    # Clients by number; buffers by their owner's number, then in the order allocated.
+    for message in (message_of(e) for e in INDEX):
+        if isinstance(message, Listed):
+            keys = [
+                e.number if isinstance(e, ClientEntry) else (e.client, e.id)
+                for e in message.entries
+            ]
+            assert keys == sorted(keys) and len(set(keys)) == len(keys)
 
 
 def test_directions() -> None:

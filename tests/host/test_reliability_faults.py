@@ -266,7 +266,9 @@ def test_client_that_never_reads(spawn: StartDaemon) -> None:
             rounds += 1
             assert time.monotonic() < deadline, daemon.log()
     mute.close()
-    freed = re.search(r"'mute' .* disconnected; freed (\d+) buffer", daemon.log())
+    pattern = r"'mute' .* disconnected; freed (\d+) buffer"
+    wait_for(lambda: re.search(pattern, daemon.log()) is not None, "the mute client's end", 60)
+    freed = re.search(pattern, daemon.log())
     assert freed is not None, daemon.log()
     delivered = int(freed[1])
     # SIOCOUTQ bound: about 16 KiB of unread small replies, some 20 of them.

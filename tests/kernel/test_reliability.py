@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,13 +18,16 @@ from pathlib import Path
 import pytest
 
 import primed
-from primed import drm
+from primed import drm, fdpass
 from primed.errors import ConnectionLost
+from primed.schema import MAX_FDS
 from tests.kernel.conftest import Nodes, serve
 from tests.kernel.test_drm_path import shmem_kib
 from tests.reliability import (
     LOAD,
+    Fuzzer,
     count,
+    fd_sources,
     percentile,
     record,
     settled_registry,
@@ -352,4 +356,46 @@ def test_daemon_killed_while_clients_hold_buffers(
         "dma-buf (same inode), read the paint and wrote to the pages the mappings see; "
         "the next request raised ConnectionLost",
         buffers=4,
+    )
+
+
+FUZZED = count(2_000, 20_000)
+
+
+@VGEM_ONLY
+def test_fuzzed_fds_reach_the_daemon_and_are_closed(
+    daemon: Daemon, driver: str, nodes: dict[str, Nodes]
+) -> None:
+    # This kernel lacks SO_PASSRIGHTS, so unlike on a newer host the fds the fuzzer
+    # attaches really arrive: pipes, sockets, memfds, 253 at once, and dma-bufs.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        assert not fdpass.refuse_rights(probe), "this kernel refuses fds: nothing to test"
+    settled_registry(daemon.socket, timeout=120)
+    baseline = settled_fds(daemon.pid)
+    card = drm.open_node(nodes[driver].card)
+    dumb = drm.create_dumb(card, 64, 64, 32)
+
+    def dmabuf() -> list[int]:
+        return [drm.handle_to_fd(card, dumb.handle)]
+
+    seed = random.randrange(1, 2**32)
+    fuzzer = Fuzzer(daemon.socket, seed, {**fd_sources(), "dma-buf": dmabuf})
+    try:
+        fuzzer.run(FUZZED)
+    finally:
+        drm.destroy_dumb(card, dumb.handle)
+        os.close(card)
+    assert daemon.process.poll() is None
+    settled_registry(daemon.socket, timeout=120)
+    wait_for_fds(daemon.pid, baseline, timeout=120)
+    record(
+        "fuzzed datagrams with fds, on a kernel that delivers them",
+        "vm",
+        f"{KERNEL}, vgem: {FUZZED:,} fuzzed datagrams (seed {seed}), some carrying pipes, "
+        f"sockets, memfds, {MAX_FDS} fds at once or a dma-buf",
+        "every datagram answered with an Error or a sound reply, or only its own connection "
+        "dropped; every fd that reached the daemon closed (daemon fds and registry back at "
+        "baseline)",
+        messages=FUZZED,
+        sent=dict(fuzzer.sent),
     )

@@ -3,6 +3,7 @@
     python -m benchmarks.bench [--quick | --smoke] [--targets memfd,vgem,virtio_gpu]
                                [--json OUT] [--codec | --no-codec]
     python -m benchmarks.bench --merge OUT PART.json... [--svg-dir DIR] [--markdown]
+    python -m benchmarks.bench --show RESULTS.json [--markdown]
 
 The first form measures on this machine and writes one JSON part; the second
 merges parts (the host's and the VM's), judges the targets, prints the table,
@@ -70,8 +71,8 @@ PLANS = {
             (10, 1000, 10000), 500, 1.0, 64, 2000, 60.0, 3,
         ),
         "vm": Plan(
-            SMALL_AND_BIG, 50, 1.5, 10, (1, 8), 4, 1.0,
-            (10, 1000), 30, 1.5, 16, 500, 180.0, 1,
+            SMALL_AND_BIG, 30, 1.0, 10, (1, 8), 4, 0.5,
+            (10, 1000), 20, 1.0, 8, 500, 180.0, 1,
         ),
     },
     "smoke": {
@@ -289,7 +290,6 @@ def measure(names: list[str], mode: str, with_codec: bool, part: str) -> dict[st
         for target in workloads.find_targets(names):
             result["targets"][target.name] = run_target(target, plan, Path(tmp))
             result["targets"][target.name]["where"] = part
-    result["machine"]["load_after"] = os.getloadavg()[0]
     return result
 
 
@@ -304,10 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--merge", metavar="OUT", help="merge the PART files into OUT")
     parser.add_argument("--svg-dir", metavar="DIR", help="with --merge: write charts here")
+    parser.add_argument("--show", metavar="RESULTS", help="print the tables of merged results")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("parts", nargs="*", metavar="PART.json")
     args = parser.parse_args(argv)
 
+    if args.show:
+        shown = report.merge([json.loads(Path(args.show).read_text())])
+        print(report.markdown(shown) if args.markdown else report.table(shown))
+        return 0
     if args.merge:
         merged = report.merge([json.loads(Path(p).read_text()) for p in args.parts])
         Path(args.merge).write_text(json.dumps(merged, indent=1) + "\n")

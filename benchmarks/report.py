@@ -334,11 +334,7 @@ def _machines(result: dict[str, Any]) -> list[str]:
     return [
         f"{part}: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}"
         + (" (virtualised)" if m.get("virtualised") else "")
-        + (
-            f"; load average {m['load_before']:.1f} before, {m['load_after']:.1f} after"
-            if "load_after" in m
-            else ""
-        )
+        + (f"; load average {m['load_before']:.1f} at the start" if "load_before" in m else "")
         for part, m in result["machines"].items()
     ]
 

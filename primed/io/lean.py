@@ -74,6 +74,13 @@ class LeanSocket(trio.socket.SocketType):
             trio.lowlevel.wait_writable, self._sock.sendmsg, list(buffers), list(ancdata), flags
         )
 
+    def try_sendmsg(self, buffers: list[Any], ancdata: list[tuple[int, int, Any]]) -> int | None:
+        """sendmsg() if the socket has room now, else None (nothing sent); no scheduling."""
+        try:
+            return self._sock.sendmsg(buffers, ancdata)
+        except BlockingIOError:
+            return None
+
     async def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
         return await self._call(trio.lowlevel.wait_readable, self._sock.recv, bufsize, flags)
 

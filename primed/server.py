@@ -341,6 +341,12 @@ class Daemon:
         log.debug("%s: request %d failed: %s: %s", session, serial, code.name, text)
         await self._send(sock, Error(code, err, text), serial)
 
+    async def _fail_kernel(
+        self, sock: trio.socket.SocketType, session: Session, serial: int, e: OSError
+    ) -> None:
+        """Answer a request the kernel refused with ERROR KERNEL and its errno."""
+        await self._fail(sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0)
+
     async def _dispatch(
         self, sock: trio.socket.SocketType, session: Session, serial: int, request: Request
     ) -> None:
@@ -456,9 +462,7 @@ class Daemon:
                 code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
                 await self._fail(sock, session, serial, code, str(e))
             else:
-                await self._fail(
-                    sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
-                )
+                await self._fail_kernel(sock, session, serial, e)
             return
         self.ledger.charge(session.account, len(made), sum(a.size for a in made))
         infos = []
@@ -495,9 +499,7 @@ class Daemon:
                 # Error the client closes what it got, and so do we.
                 for info in infos:
                     self._drop(session, info.id)
-                await self._fail(
-                    sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
-                )
+                await self._fail_kernel(sock, session, serial, e)
                 return
             finally:
                 fdpass.close_fds(fds)
@@ -563,9 +565,7 @@ class Daemon:
         try:
             fd = self.backend.export(allocation)
         except KernelError as e:
-            await self._fail(
-                sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0
-            )
+            await self._fail_kernel(sock, session, serial, e)
             return False
         if once is not None:
             self._forget(once)
@@ -583,7 +583,7 @@ class Daemon:
         except OSError as e:
             if e.errno != errno.ETOOMANYREFS:
                 raise
-            await self._fail(sock, session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno)
+            await self._fail_kernel(sock, session, serial, e)
             return False
         finally:
             os.close(fd)

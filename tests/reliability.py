@@ -14,10 +14,12 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import primed
 from primed import fdpass, formats, protocol
@@ -422,3 +424,19 @@ def vm_rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def run_load(workers: Sequence[subprocess.Popen[str]], timeout: float) -> tuple[list[Any], float]:
+    """Tell every ready LOAD worker to go; return each one's JSON result, and the wall time."""
+    started = time.monotonic()
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    results = []
+    for worker in workers:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        assert line, f"a load client failed: {worker.communicate(timeout=timeout)[1]}"
+        results.append(json.loads(line))
+    return results, time.monotonic() - started

@@ -15,6 +15,7 @@ from tests.reliability import (
     count,
     percentile,
     record,
+    run_load,
     settled_registry,
     stats,
     vm_rss_kib,
@@ -63,18 +64,7 @@ def test_a_thousand_clients_holding_ten_buffers_each(spawn: StartDaemon) -> None
         peak_fds = settled_fds(daemon.pid)
         assert peak_fds >= baseline_fds + connections * (HELD + 1)
         held_rss = vm_rss_kib(daemon.pid)
-        started = time.monotonic()
-        for worker in workers:
-            assert worker.stdin is not None
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
-        results = []
-        for worker in workers:
-            assert worker.stdout is not None
-            line = worker.stdout.readline()
-            assert line, f"a load client failed: {worker.communicate(timeout=60)[1]}"
-            results.append(json.loads(line))
-        wall = time.monotonic() - started
+        results, wall = run_load(workers, timeout=60)
         peak_rss = vm_rss_kib(daemon.pid)
         during = stats(daemon.socket)
         assert (during.clients, during.buffers) == (connections + 1, connections * HELD)

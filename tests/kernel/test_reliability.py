@@ -30,6 +30,7 @@ from tests.reliability import (
     fd_sources,
     percentile,
     record,
+    run_load,
     settled_registry,
     stats,
     vm_rss_kib,
@@ -102,18 +103,7 @@ def test_load_on_vgem(daemon: Daemon, driver: str) -> None:
         setup_time = time.monotonic() - started
         holding_fds = settled_fds(running.pid)
         held_rss = vm_rss_kib(running.pid)
-        started = time.monotonic()
-        for worker in workers:
-            assert worker.stdin is not None
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
-        results = []
-        for worker in workers:
-            assert worker.stdout is not None
-            line = worker.stdout.readline()
-            assert line, f"a load client failed: {worker.communicate(timeout=120)[1]}"
-            results.append(json.loads(line))
-        wall = time.monotonic() - started
+        results, wall = run_load(workers, timeout=120)
         during = stats(running.socket)
         assert (during.clients, during.buffers) == (
             per_process * LOAD_PROCESSES + 1,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import floor
-from primed import protocol
+from primed.wire import protocol
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "vectors"
 #: The messages of one allocate + release round trip.

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from primed import drm
+from primed.kernel import drm
 
 #: op, width, height, id (or count for HOLD)
 REQUEST = struct.Struct("<IIIQ")

@@ -29,7 +29,7 @@ import trio
 
 import primed
 from benchmarks import floor
-from primed import drm
+from primed.kernel import drm
 
 #: Sample size of each worker's latencies in the throughput runs.
 LATENCY_SAMPLES = 2000

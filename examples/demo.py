@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import primed
-from primed import drm
+from primed.kernel import drm
 
 WIDTH, HEIGHT = 640, 480
 

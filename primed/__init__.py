@@ -17,10 +17,12 @@ The public API::
 
 from __future__ import annotations
 
-from primed.buffer import Buffer, Mapping, Plane
-from primed.connection import DEFAULT_SOCKET, Offer, ServerInfo
-from primed.device import Device, Framebuffer, Import
-from primed.direct import recv_buffer, recv_buffer_async, send_buffer, send_buffer_async
+from primed.client.blocking import Client, Pending, connect
+from primed.client.buffer import Buffer, Mapping, Plane
+from primed.client.connection import DEFAULT_SOCKET, Offer, ServerInfo
+from primed.client.device import Device, Framebuffer, Import
+from primed.client.direct import recv_buffer, recv_buffer_async, send_buffer, send_buffer_async
+from primed.client.trio import AsyncClient, connect_async
 from primed.errors import (
     ConnectionLost,
     ErrorCode,
@@ -34,9 +36,7 @@ from primed.errors import (
     ServerError,
 )
 from primed.formats import FORMATS, Format, Limits
-from primed.io.blocking import Client, Pending, connect
-from primed.io.trio import AsyncClient, connect_async
-from primed.schema import Backend
+from primed.wire.schema import Backend
 
 __version__ = "0.1.0"
 

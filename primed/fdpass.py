@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from primed.errors import RemoteProtocolError
-from primed.schema import MAX_FDS, MAX_MESSAGE
+from primed.wire.schema import MAX_FDS, MAX_MESSAGE
 
 #: Ancillary buffer big enough for the most fds one message may carry.
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -76,8 +76,16 @@ def refuse_rights(sock: socket.socket | Any) -> bool:
 
 
 def recv(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """Receive one datagram and its fds from a blocking socket."""
+    """Receive one datagram and its fds from a blocking socket; ``(b"", [])`` is the
+    end of the stream. Raises :class:`Truncated` (having closed what arrived)."""
     data, ancdata, msg_flags, _ = sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, RECV_FLAGS)
+    return data, take_fds(ancdata, msg_flags)
+
+
+async def recv_async(sock: Any) -> tuple[bytes, list[int]]:
+    """Receive one datagram and its fds from a trio socket (or anything with an
+    awaitable ``recvmsg``). ``(b"", [])`` is the end of the stream."""
+    data, ancdata, msg_flags, _ = await sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, RECV_FLAGS)
     return data, take_fds(ancdata, msg_flags)
 
 

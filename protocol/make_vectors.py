@@ -2,7 +2,7 @@
 
 Usage: ``python protocol/make_vectors.py [--check]``. With ``--check`` nothing is
 written; the exit status is 1 if the files on disk differ from what would be.
-Every vector is built with primed.protocol.encode, so the files are exactly what
+Every vector is built with primed.wire.protocol.encode, so the files are exactly what
 the daemon and its clients put on the wire.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from primed import formats
 from primed.errors import ErrorCode
-from primed.protocol import (
+from primed.wire.protocol import (
     LIST_BUFFERS,
     LIST_CLIENTS,
     Allocate,
@@ -50,7 +50,7 @@ from primed.protocol import (
     Welcome,
     encode,
 )
-from primed.schema import VERSION, Backend, Opcode
+from primed.wire.schema import VERSION, Backend, Opcode
 
 OUT = Path(__file__).resolve().parent / "vectors"
 INDEX = "vectors.json"

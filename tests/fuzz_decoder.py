@@ -1,6 +1,6 @@
 """A coverage-guided fuzzer for the decoder alone, and the corpus it keeps.
 
-Inputs that reach a line pair (arc) of primed/protocol.py never reached before
+Inputs that reach a line pair (arc) of primed/wire/protocol.py never reached before
 are kept in tests/corpus/decoder/ (named by their digest: a leading byte gives
 the fd count and one the kind), and mutated further. The tests replay the
 corpus and run a short session; ``python -m tests.fuzz_decoder --runs N`` grows it.
@@ -16,8 +16,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from primed import protocol
 from primed.errors import RemoteProtocolError
+from primed.wire import protocol
 from tests.reliability import REQUEST_VECTORS, VECTORS, mutate
 
 CORPUS = Path(__file__).parent / "corpus" / "decoder"

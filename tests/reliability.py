@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import primed
-from primed import fdpass, formats, protocol
+from primed import fdpass, formats
 from primed.errors import ErrorCode, RemoteProtocolError
-from primed.schema import MAX_FDS, MAX_MESSAGE, TOKEN_SIZE, VERSION, Opcode
+from primed.wire import protocol
+from primed.wire.schema import MAX_FDS, MAX_MESSAGE, TOKEN_SIZE, VERSION, Opcode
 
 FULL = os.environ.get("PRIMED_FULL") == "1"
 VECTORS = Path(__file__).parents[1] / "protocol" / "vectors"

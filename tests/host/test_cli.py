@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from primed import drm, formats
+from primed import formats
+from primed.kernel import drm
 from tests.support import Daemon, StartDaemon
 
 

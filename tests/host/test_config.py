@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 import primed
-from primed import config
-from primed.config import Config, ConfigError
+from primed.daemon.policy import Policy, Quotas
 from primed.errors import ErrorCode
 from primed.formats import Limits
-from primed.policy import Policy, Quotas
+from primed.service import config
+from primed.service.config import Config, ConfigError
 from tests.host.conftest import StartDaemon
 from tests.support import Daemon, can_connect, wait_for
 

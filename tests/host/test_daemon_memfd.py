@@ -29,10 +29,11 @@ import trio
 import trio.testing
 
 import primed
-from primed import fdpass, formats, protocol
-from primed.buffer import Buffer
+from primed import fdpass, formats
+from primed.client.buffer import Buffer
 from primed.errors import ErrorCode
-from primed.schema import MAX_FDS, MAX_MESSAGE, MAX_RELEASE, VERSION, Backend, Opcode
+from primed.wire import protocol
+from primed.wire.schema import MAX_FDS, MAX_MESSAGE, MAX_RELEASE, VERSION, Backend, Opcode
 from tests.support import (
     Daemon,
     StartDaemon,
@@ -612,7 +613,8 @@ if sys.argv[3] == "wait":
 
 ASK_AND_WAIT = """
 import socket, sys
-from primed import formats, protocol
+from primed import formats
+from primed.wire import protocol
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.connect(sys.argv[1])
 sock.send(protocol.encode(protocol.Hello(name="never reads"), 1))

@@ -1,6 +1,6 @@
-"""primed.drm and the format table against the kernel's own uapi headers, compiled with gcc.
+"""primed.kernel.drm and the format table against the kernel's own uapi headers, compiled with gcc.
 
-Every struct, ioctl number and constant primed.drm defines is printed by a C
+Every struct, ioctl number and constant primed.kernel.drm defines is printed by a C
 program built against drm.h, drm_mode.h, drm_fourcc.h and linux/dma-buf.h, and
 compared with the Python value. Without gcc or the headers this fails: the
 claim that primed speaks the kernel's ABI needs this check.
@@ -16,7 +16,8 @@ import subprocess
 
 import pytest
 
-from primed import drm, formats
+from primed import formats
+from primed.kernel import drm
 
 # Where the uapi DRM headers live: the kernel's headers_install layout (e.g.
 # Fedora's kernel-headers), or libdrm's copy of them (Debian and Ubuntu ship it in
@@ -25,7 +26,7 @@ HEADER_DIRS = ("/usr/include/drm", "/usr/include/libdrm")
 DRM_HEADERS = ("drm.h", "drm_mode.h", "drm_fourcc.h")
 DMA_BUF_HEADER = "/usr/include/linux/dma-buf.h"
 
-# Names in primed.drm that are not part of the uapi headers.
+# Names in primed.kernel.drm that are not part of the uapi headers.
 NOT_UAPI = {"DRM_MAJOR"}  # a device number; the kernel keeps it out of include/uapi
 
 REQUIRED_NUMBERS = {
@@ -79,7 +80,7 @@ MODEINFO = (
 )
 
 # Each struct's fields in declaration order, as the kernel names them; None marks
-# padding that primed.drm declares as pad bytes ("x"). An array is one field per
+# padding that primed.kernel.drm declares as pad bytes ("x"). An array is one field per
 # element ("handles[1]"), except a char array, which is one "s" item.
 FIELDS: dict[str, tuple[str | None, ...]] = {
     "drm_version": (

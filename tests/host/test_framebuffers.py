@@ -15,15 +15,16 @@ from collections.abc import Iterator
 import pytest
 
 import primed
-from primed import drm, formats
-from primed.buffer import Buffer, Plane
-from primed.schema import Backend
+from primed import formats
+from primed.client.buffer import Buffer, Plane
+from primed.kernel import drm
+from primed.wire.schema import Backend
 
 HANDLE = 7
 
 
 class Kernel:
-    """Stands in for primed.drm's ioctls; ``calls`` lists what they were asked."""
+    """Stands in for primed.kernel.drm's ioctls; ``calls`` lists what they were asked."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []

@@ -17,9 +17,10 @@ from typing import cast
 import pytest
 
 import primed
-from primed import formats, png
+from primed import formats
+from primed.cli import png
 from primed.errors import ErrorCode
-from primed.schema import Opcode
+from primed.wire.schema import Opcode
 from tests.host.conftest import StartDaemon
 from tests.support import Daemon, client_command, start_daemon
 
@@ -48,7 +49,7 @@ with primed.connect(sys.argv[1]) as client:
 
 
 def read_png(data: bytes) -> tuple[int, int, int, list[bytes]]:
-    """(width, height, channels, rows) of a PNG written by primed.png (filter 0, 8-bit)."""
+    """(width, height, channels, rows) of a PNG written by primed.cli.png (filter 0, 8-bit)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     at, chunks = 8, {}
     while at < len(data):

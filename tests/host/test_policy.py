@@ -15,9 +15,11 @@ import pytest
 import trio
 
 import primed
-from primed import fdpass, protocol, server
+from primed import fdpass
+from primed.daemon import server
+from primed.daemon.policy import Ledger, Peer, Policy, QuotaExceeded, Quotas
 from primed.errors import ErrorCode
-from primed.policy import Ledger, Peer, Policy, QuotaExceeded, Quotas
+from primed.wire import protocol
 from tests.host.conftest import StartDaemon
 from tests.support import wait_for
 

@@ -1,4 +1,4 @@
-"""primed.protocol against primed.schema: round trips, byte-for-byte agreement, refusals."""
+"""primed.wire.protocol against its schema: round trips, byte-for-byte agreement, refusals."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from primed import protocol, schema
 from primed.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from primed.protocol import (
+from primed.wire import protocol, schema
+from primed.wire.protocol import (
     HEADER_SIZE,
     LIST_BUFFERS,
     LIST_CLIENTS,
@@ -50,7 +50,7 @@ from primed.protocol import (
     UnknownOpcode,
     Welcome,
 )
-from primed.schema import (
+from primed.wire.schema import (
     MAX_FDS,
     MAX_MESSAGE,
     MAX_NAME,
@@ -679,7 +679,7 @@ def _full_page(what: int, count: int) -> Listed:
 
 
 def test_a_full_page_fits_one_datagram() -> None:
-    from primed.server import LIST_PAGE_BUFFERS, LIST_PAGE_CLIENTS
+    from primed.daemon.server import LIST_PAGE_BUFFERS, LIST_PAGE_CLIENTS
 
     assert (LIST_PAGE_CLIENTS, LIST_PAGE_BUFFERS) == (200, 1000)  # as PROTOCOL.md says
     clients = protocol.encode(_full_page(LIST_CLIENTS, LIST_PAGE_CLIENTS), 1)

@@ -16,9 +16,10 @@ import time
 import pytest
 
 import primed
-from primed import fdpass, formats, protocol
+from primed import fdpass, formats
 from primed.errors import ConnectionLost, ErrorCode, ServerError
-from primed.schema import VERSION
+from primed.wire import protocol
+from primed.wire.schema import VERSION
 from tests.host.conftest import StartDaemon
 from tests.reliability import count, record, settled_registry
 from tests.support import open_fds, settled_fds, wait_for, wait_for_fds

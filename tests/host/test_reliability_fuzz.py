@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from primed.errors import LocalProtocolError
-from primed.protocol import List, OpenBuffer, Query, Request, encode
+from primed.wire.protocol import List, OpenBuffer, Query, Request, encode
 from tests.host.conftest import StartDaemon
 from tests.host.test_protocol import (
     allocates,

@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 import primed
-from primed import fdpass, protocol
+from primed import fdpass
 from primed.errors import ErrorCode, ServerError
-from primed.schema import VERSION
+from primed.wire import protocol
+from primed.wire.schema import VERSION
 from tests.reliability import count, record, settled_registry
 from tests.support import Daemon, run_client, settled_fds, start_daemon, wait_for, wait_for_fds
 
@@ -433,7 +434,7 @@ def test_tokens_die_for_an_opener_the_daemon_waits_for(open_daemon: Daemon) -> N
         "token was used up by another client, revoked, its buffer released, or its owner "
         "disconnected (then new clients took the freed fd numbers)",
         "each stalled opener got UNKNOWN_TOKEN and no fd, once it read on; no internal "
-        "error in the log (before the fix in primed/server.py it got the buffer in all "
+        "error in the log (before the fix in primed/daemon/server.py it got the buffer in all "
         "four cases, or whatever had taken the freed fd number)",
         **outcomes,
     )

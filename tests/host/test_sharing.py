@@ -15,8 +15,9 @@ import pytest
 import trio
 
 import primed
-from primed import fdpass, formats, protocol
+from primed import fdpass, formats
 from primed.errors import ErrorCode
+from primed.wire import protocol
 from tests.host.conftest import StartDaemon
 from tests.support import Daemon, count_fds, run_client, wait_for
 

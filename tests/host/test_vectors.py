@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from primed import protocol, schema
-from primed.protocol import (
+from primed.wire import protocol, schema
+from primed.wire.protocol import (
     LIST_BUFFERS,
     LIST_CLIENTS,
     Allocate,
@@ -47,7 +47,7 @@ from primed.protocol import (
     Stats,
     Welcome,
 )
-from primed.schema import Backend, Opcode
+from primed.wire.schema import Backend, Opcode
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "protocol" / "vectors"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from primed import drm
+from primed.kernel import drm
 from tests.support import Daemon, start_daemon
 
 DRIVERS = ("vgem", "virtio_gpu")

@@ -18,10 +18,10 @@ import random
 import socket
 
 import primed
-from primed import drm
-from primed.buffer import Mapping
-from primed.device import Device
+from primed.client.buffer import Mapping
+from primed.client.device import Device
 from primed.errors import KernelError
+from primed.kernel import drm
 
 
 def main() -> None:

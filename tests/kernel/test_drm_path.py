@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import primed
-from primed import drm, formats
+from primed import formats
+from primed.kernel import drm
 from tests.kernel.conftest import DRIVERS, Nodes, serve
 from tests.support import Daemon, wait_for
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import primed
-from primed import drm
+from primed.kernel import drm
 from tests.kernel.conftest import Nodes
 from tests.kernel.screendump import screendump
 from tests.support import Daemon

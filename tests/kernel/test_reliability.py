@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 import primed
-from primed import drm, fdpass
+from primed import fdpass
 from primed.errors import ConnectionLost
-from primed.schema import MAX_FDS
+from primed.kernel import drm
+from primed.wire.schema import MAX_FDS
 from tests.kernel.conftest import Nodes, serve
 from tests.kernel.test_drm_path import shmem_kib
 from tests.reliability import (

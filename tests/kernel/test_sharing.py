@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import primed
-from primed import drm
+from primed.kernel import drm
 from tests.kernel.conftest import Nodes
 from tests.support import Daemon, wait_for
 

@@ -18,12 +18,13 @@ from typing import cast
 
 import trio
 
-from primed import fdpass, protocol
-from primed.buffer import Buffer
-from primed.connection import buffer_from
+from primed import fdpass
+from primed.client.buffer import Buffer
+from primed.client.connection import buffer_from
 from primed.errors import ConnectionLost, RemoteProtocolError
-from primed.protocol import HEADER_SIZE, BufferInfo, Passed
-from primed.schema import MAX_MESSAGE
+from primed.wire import protocol
+from primed.wire.protocol import HEADER_SIZE, BufferInfo, Passed
+from primed.wire.schema import MAX_MESSAGE
 
 _SIZE_AT = slice(4, 8)  # the header's body size field
 

@@ -40,13 +40,15 @@ from typing import cast
 
 import trio
 
-from primed import fdpass, formats, protocol, systemd
-from primed.backends import Allocation, BufferSource
+from primed import fdpass, formats
+from primed.daemon import systemd
+from primed.daemon.lean import LeanSocket
+from primed.daemon.policy import Account, Ledger, Peer, Policy, QuotaExceeded
 from primed.errors import ErrorCode, KernelError, PrimedError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
-from primed.io.lean import LeanSocket
-from primed.policy import Account, Ledger, Peer, Policy, QuotaExceeded
-from primed.protocol import (
+from primed.kernel.backends import Allocation, BufferSource
+from primed.wire import protocol
+from primed.wire.protocol import (
     Allocate,
     Allocated,
     BufferEntry,
@@ -73,7 +75,7 @@ from primed.protocol import (
     Stats,
     Welcome,
 )
-from primed.schema import MAX_FDS, MAX_MESSAGE, TOKEN_SIZE, VERSION
+from primed.wire.schema import MAX_FDS, MAX_MESSAGE, TOKEN_SIZE, VERSION
 
 log = logging.getLogger("primed")
 

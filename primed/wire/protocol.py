@@ -4,7 +4,7 @@ No I/O here. :func:`encode` turns a message and a serial into one datagram;
 :func:`decode` turns a received datagram (and the number of fds that came with
 it) into ``(serial, message)`` or raises :class:`RemoteProtocolError`, having
 checked every length, count, reserved field and string. The schema lives in
-:mod:`primed.schema`; the fixed heads are packed with ``struct`` formats derived
+:mod:`primed.wire.schema`; the fixed heads are packed with ``struct`` formats derived
 from it.
 """
 
@@ -14,9 +14,9 @@ import dataclasses
 import struct
 from typing import ClassVar, Literal, Self
 
-from primed import schema
 from primed.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from primed.schema import (
+from primed.wire import schema
+from primed.wire.schema import (
     MAX_FDS,
     MAX_MESSAGE,
     MAX_NAME,

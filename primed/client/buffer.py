@@ -16,10 +16,10 @@ import os
 import weakref
 from types import TracebackType
 
-from primed import drm
 from primed.errors import KernelError
 from primed.formats import fourcc_str
-from primed.schema import Backend
+from primed.kernel import drm
+from primed.wire.schema import Backend
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -22,10 +22,11 @@ import errno
 import os
 from types import TracebackType
 
-from primed import drm, formats
-from primed.buffer import Buffer
+from primed import formats
+from primed.client.buffer import Buffer
 from primed.errors import KernelError, NotImportable
-from primed.schema import Backend
+from primed.kernel import drm
+from primed.wire.schema import Backend
 
 
 class Import:

@@ -6,7 +6,7 @@ then a body whose layout the opcode selects. Every body is a fixed head, then
 (for some messages) an array of fixed records or length-prefixed strings, and
 nothing after that.
 
-This module holds declarations only. The hot path (primed.protocol) packs and
+This module holds declarations only. The hot path (primed.wire.protocol) packs and
 unpacks the fixed heads with ``struct`` formats derived from these very
 declarations (see :func:`fixed`), because construct costs more per message than
 the kernel's whole round trip; the tests check both agree byte for byte.

@@ -17,10 +17,10 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from primed.connection import socket_path
+from primed.client.connection import socket_path
+from primed.daemon.policy import Policy, Quotas
 from primed.errors import PrimedError
 from primed.formats import Limits
-from primed.policy import Policy, Quotas
 
 #: Read when ``serve`` is given no ``--config`` and the file exists.
 DEFAULT_PATH = "/etc/primed/primed.toml"

@@ -16,10 +16,10 @@ import os
 import time
 from typing import Protocol
 
-from primed import drm
 from primed.errors import KernelError, NoDevice
 from primed.formats import MOD_LINEAR, Format, Layout, LayoutError, Limits, layout, plan
-from primed.schema import Backend
+from primed.kernel import drm
+from primed.wire.schema import Backend
 
 
 @dataclasses.dataclass(slots=True, eq=False)

@@ -15,8 +15,9 @@ from typing import cast, overload
 import trio
 
 from primed import fdpass
-from primed.buffer import Buffer
-from primed.connection import (
+from primed.client.blocking import _default_name
+from primed.client.buffer import Buffer
+from primed.client.connection import (
     ClientConnection,
     Offer,
     Result,
@@ -26,8 +27,7 @@ from primed.connection import (
     unwrap,
 )
 from primed.errors import ConnectionLost, PrimedError
-from primed.io.blocking import _default_name
-from primed.schema import MAX_MESSAGE
+from primed.wire.schema import MAX_MESSAGE
 
 
 class _Waiter:

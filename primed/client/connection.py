@@ -1,6 +1,6 @@
 """The client's side of the protocol, with no I/O: requests out, results in.
 
-Both clients (:mod:`primed.io.blocking`, :mod:`primed.io.trio`) drive one
+Both clients (:mod:`primed.client.blocking`, :mod:`primed.client.trio`) drive one
 :class:`ClientConnection`: it numbers requests, builds their datagrams, and
 turns each received datagram (with its fds) into a result for one serial. Fds
 become :class:`Buffer` objects the moment they are parsed, so from then on
@@ -13,12 +13,13 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
-from primed import formats, protocol
-from primed.buffer import Buffer, Plane
+from primed import formats
+from primed.client.buffer import Buffer, Plane
 from primed.errors import ErrorCode, PrimedError, RemoteProtocolError, ServerError, server_error
 from primed.fdpass import close_fds
 from primed.formats import Limits, fourcc_str
-from primed.protocol import (
+from primed.wire import protocol
+from primed.wire.protocol import (
     Allocated,
     BufferInfo,
     Error,
@@ -31,7 +32,7 @@ from primed.protocol import (
     Statistics,
     Welcome,
 )
-from primed.schema import TOKEN_SIZE, VERSION, Backend
+from primed.wire.schema import TOKEN_SIZE, VERSION, Backend
 
 #: Where clients look for the daemon when no path is given and $PRIMED_SOCKET is unset.
 DEFAULT_SOCKET = "/run/primed/primed.sock"

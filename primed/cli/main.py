@@ -12,14 +12,15 @@ from collections.abc import Sequence
 
 import trio
 
-from primed import drm, formats
-from primed.backends import BufferSource, DumbBackend, MemfdBackend, find_dumb_node
-from primed.config import DEFAULT_PATH as DEFAULT_CONFIG
-from primed.connection import DEFAULT_SOCKET
-from primed.device import Device, Import
+from primed import formats
+from primed.client.blocking import connect
+from primed.client.connection import DEFAULT_SOCKET
+from primed.client.device import Device, Import
 from primed.errors import ErrorCode, PrimedError
-from primed.io.blocking import connect
-from primed.schema import Opcode
+from primed.kernel import drm
+from primed.kernel.backends import BufferSource, DumbBackend, MemfdBackend, find_dumb_node
+from primed.service.config import DEFAULT_PATH as DEFAULT_CONFIG
+from primed.wire.schema import Opcode
 
 log = logging.getLogger("primed")
 
@@ -102,11 +103,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from primed import config as conf
-    from primed import log as logsetup
-    from primed import systemd
-    from primed.policy import Policy
-    from primed.server import run
+    from primed.daemon import systemd
+    from primed.daemon.policy import Policy
+    from primed.daemon.server import run
+    from primed.service import config as conf
+    from primed.service import log as logsetup
 
     logsetup.setup(args.log_level or "info")
     overrides = {
@@ -312,7 +313,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    from primed import png
+    from primed.cli import png
 
     with connect(args.socket, name="primed dump") as client:
         client_number, sep, ident = args.target.partition(":")

@@ -10,8 +10,8 @@ from types import TracebackType
 from typing import Generic, TypeVar, cast, overload
 
 from primed import fdpass
-from primed.buffer import Buffer
-from primed.connection import (
+from primed.client.buffer import Buffer
+from primed.client.connection import (
     ClientConnection,
     Offer,
     Result,
@@ -21,7 +21,14 @@ from primed.connection import (
     unwrap,
 )
 from primed.errors import ConnectionLost
-from primed.protocol import LIST_BUFFERS, LIST_CLIENTS, BufferEntry, ClientEntry, Listed, Statistics
+from primed.wire.protocol import (
+    LIST_BUFFERS,
+    LIST_CLIENTS,
+    BufferEntry,
+    ClientEntry,
+    Listed,
+    Statistics,
+)
 
 
 def _default_name() -> str:

@@ -1,0 +1,1 @@
+"""The service around the daemon: configuration and logging."""

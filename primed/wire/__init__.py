@@ -1,0 +1,1 @@
+"""The wire: every message's layout, declared once, and its encoding. No I/O."""

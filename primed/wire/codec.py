@@ -318,6 +318,7 @@ def derive(cls: Any, declaration: Any, *, body: bool = True) -> Codec:
     positions = {f.name: i for i, f in enumerate(head)}
     positions.update({t.name: nhead + k for k, t in enumerate(tails)})
     head_names = tuple(f.name for f in head)
+    head_at = {name: i for i, name in enumerate(head_names)}  # what a Check rule may read
     what = getattr(cls, "__name__", repr(cls))
     claimed: dict[str, str] = {}
 
@@ -480,7 +481,7 @@ def derive(cls: Any, declaration: Any, *, body: bool = True) -> Codec:
         tests = " or ".join(f"v[{i}] != {head[i].const!r}" for i in const_at)
         verify.append(f"    if {tests}:\n        refuse_head(v)")
     for rule in checks:
-        verify.append(f"    if not {_python(rule, positions, 'v')}:\n        refuse_head(v)")
+        verify.append(f"    if not {_python(rule, head_at, 'v')}:\n        refuse_head(v)")
     lines = [
         "def take(data, offset):",
         f"    end = offset + {hsize}",
@@ -512,7 +513,7 @@ def derive(cls: Any, declaration: Any, *, body: bool = True) -> Codec:
         lines.append(f"    values = ({values})")
         for rule in checks:
             lines += [
-                f"    if not {_python(rule, positions, 'values')}:",
+                f"    if not {_python(rule, head_at, 'values')}:",
                 "        check_build(values)",
             ]
         lines.append(f"    return pack(*values){joined}")
@@ -724,7 +725,7 @@ def _records_codec(
             if end > len(data):
                 raise Malformed(f"{what}: {n} records cut short")
             unpack = codec.unpack
-            return tuple([unpack(v) for v in codec.packer.iter_unpack(data[offset:end])]), end
+            return tuple(map(unpack, codec.packer.iter_unpack(data[offset:end]))), end
         items = []
         take_one = codec.take
         for _ in range(n):

@@ -582,6 +582,11 @@ _AB = ("a" / _C.Int32ul, "b" / _C.Int16ul)
         pytest.param(
             _Pair, _C.Struct(*_AB, _C.Check(_C.this.z == 1), _C.Terminated), id="a rule on no field"
         ),
+        pytest.param(
+            _Named,
+            _C.Struct(*_NAMED.subcons[:3], _C.Check(_C.this.name == b"x"), _C.Terminated),
+            id="a rule that reads a variable part",
+        ),
         pytest.param(_Misnamed, _C.Struct(*_AB, _C.Terminated), id="WIRE names no field"),
         pytest.param(_Twice, _C.Struct(*_AB, _C.Terminated), id="b stands for a and b"),
         pytest.param(_TextOnFixed, _C.Struct(*_AB, _C.Terminated), id="Text on a fixed field"),
@@ -613,6 +618,26 @@ def test_every_message_has_the_codec_of_its_declaration() -> None:
         assert dataclasses.is_dataclass(cls)
         assert getattr(cls, "__dataclass_params__").frozen  # noqa: B009 -- not in the stubs
         assert "__slots__" in vars(cls)
+
+
+def test_codec_sizes_are_the_declarations() -> None:
+    fixed_ones = 0
+    for cls in ALL_CLASSES.values():
+        # Terminated has no size to construct; what comes before it does, if it is fixed.
+        parts = construct.Struct(
+            *(sub for sub in cls.CODEC.declaration.subcons if sub is not construct.Terminated)
+        )
+        try:
+            expected = parts.sizeof()
+        except construct.SizeofError:  # a variable part
+            expected = None
+        if cls.CODEC.size is not None:
+            assert cls.CODEC.size == cls.CODEC.packer.size == expected
+            fixed_ones += 1
+        elif expected is not None:  # a fixed record nested after the head: taken as a part
+            assert cls is Passed and expected == 4 + RECORD
+    assert fixed_ones == 10  # ALLOCATE, RELEASED, LIST, OPEN_BUFFER, 3 of a token, 3 empty
+    assert codec.derive(BufferInfo, schema.BUFFER, body=False).size == RECORD
 
 
 def test_the_wire_package_does_no_io() -> None:

@@ -60,6 +60,17 @@ PAGE = 4096
 _NUMBERS = re.compile(r"\[\n\s*(-?\d+(?:,\n\s*-?\d+)*)\n\s*\]")
 
 
+#: vectors.json's own description of its keys.
+DESCRIPTION = (
+    "Golden vectors of the primed wire protocol. protocol_version: the protocol version "
+    "they are of. vectors: one entry per datagram, each with name (the vector's name; its "
+    "bytes are in name.bin), file (that file), direction (request, reply or peer), opcode "
+    "and message (its name), serial, nfds (the fds that travel with it), length (in bytes), "
+    "about, and fields (the decoded values, named as protocol/PROTOCOL.md's Golden vectors "
+    "section says)."
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Vector:
     name: str
@@ -368,7 +379,7 @@ def render() -> dict[str, bytes]:
                 "fields": _json(vector.message),
             }
         )
-    index = {"protocol_version": VERSION, "vectors": entries}
+    index = {"description": DESCRIPTION, "protocol_version": VERSION, "vectors": entries}
     text = json.dumps(index, indent=2, ensure_ascii=False)
     text = _NUMBERS.sub(lambda m: "[" + ", ".join(m[1].replace(",", " ").split()) + "]", text)
     files[INDEX] = (text + "\n").encode("utf-8")

@@ -1,9 +1,11 @@
 """A coverage-guided fuzzer for the decoder alone, and the corpus it keeps.
 
-Inputs that reach a line pair (arc) of primed/wire/protocol.py never reached before
-are kept in tests/corpus/decoder/ (named by their digest: a leading byte gives
-the fd count and one the kind), and mutated further. The tests replay the
-corpus and run a short session; ``python -m tests.fuzz_decoder --runs N`` grows it.
+Inputs that reach a line pair (arc) of the decoder never reached before (in
+primed/wire/protocol.py, which frames datagrams, primed/wire/codec.py, and the
+take/unpack functions it generates for each message) are kept in
+tests/corpus/decoder/ (named by their digest: a leading byte gives the fd count
+and one the kind), and mutated further. The tests replay the corpus and run a
+short session; ``python -m tests.fuzz_decoder --runs N`` grows it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from types import FrameType
 from typing import Any
 
 from primed.errors import RemoteProtocolError
-from primed.wire import protocol
+from primed.wire import codec, protocol
 from tests.reliability import REQUEST_VECTORS, VECTORS, mutate
 
 CORPUS = Path(__file__).parent / "corpus" / "decoder"
 KINDS = ("request", "reply", "peer")
-_TARGET = protocol.__file__
+#: Where decoding happens: the framing, the codec, and the code the codec generates.
+_TARGETS = frozenset({protocol.__file__, codec.__file__})
+_GENERATED = "<primed.wire.codec"
 
 
 def decode_case(case: bytes) -> None:
@@ -36,18 +40,19 @@ def decode_case(case: bytes) -> None:
         pass
 
 
-def _arcs(case: bytes) -> frozenset[tuple[int, int]]:
-    seen: set[tuple[int, int]] = set()
+def _arcs(case: bytes) -> frozenset[tuple[str, int, int]]:
+    seen: set[tuple[str, int, int]] = set()
     last = [0]
 
     def local(frame: FrameType, event: str, arg: Any) -> Any:
         if event == "line":
-            seen.add((last[0], frame.f_lineno))
+            seen.add((frame.f_code.co_filename, last[0], frame.f_lineno))
             last[0] = frame.f_lineno
         return local
 
     def tracer(frame: FrameType, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename == _TARGET else None
+        name = frame.f_code.co_filename
+        return local if name in _TARGETS or name.startswith(_GENERATED) else None
 
     sys.settrace(tracer)
     try:
@@ -70,7 +75,7 @@ def fuzz(runs: int, seed: int, save: bool) -> tuple[int, int]:
     """Run ``runs`` mutations; returns (arcs covered, new corpus entries)."""
     rng = random.Random(seed)
     pool = seeds()
-    covered: set[tuple[int, int]] = set()
+    covered: set[tuple[str, int, int]] = set()
     for case in pool:
         covered |= _arcs(case)
     added = 0

@@ -6,10 +6,12 @@ then a body whose layout the opcode selects. Every body is a fixed head, then
 (for some messages) an array of fixed records or length-prefixed strings, and
 nothing after that.
 
-This module holds declarations only. The hot path (primed.wire.protocol) packs and
-unpacks the fixed heads with ``struct`` formats derived from these very
-declarations (see :func:`fixed`), because construct costs more per message than
-the kernel's whole round trip; the tests check both agree byte for byte.
+This module holds declarations only, and it is the only place a layout is
+written. The hot path (:mod:`primed.wire.codec`) is derived from these very
+declarations at import time: ``struct`` formats for the fixed heads and records,
+which head field counts which tail, the Const checks, the Check rules. construct
+itself costs more per message than the kernel's whole round trip; the tests check
+that both agree byte for byte.
 """
 
 from __future__ import annotations
@@ -339,6 +341,33 @@ MESSAGE = Struct(
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Field:
+    """One fixed-size field of a Struct: its name, ``struct`` code and required value."""
+
+    name: str
+    code: str  # a ``struct`` format code without the byte-order prefix, e.g. "I" or "16s"
+    const: int | None  # the value a Const field must hold; None: any
+    length: int | None  # for Bytes: the byte count; None: an integer
+
+
+def field(sub: Any) -> Field:
+    """Describe one subcon of a Struct as a fixed-size field.
+
+    Only named little-endian FormatFields (optionally wrapped in Const) and Bytes
+    of a constant length are fixed fields: anything else raises TypeError.
+    """
+    name, inner, const = sub.name, getattr(sub, "subcon", sub), None  # unnamed: no subcon
+    if isinstance(inner, Const):
+        const, inner = inner.value, inner.subcon
+    fmtstr, length = getattr(inner, "fmtstr", None), None
+    if isinstance(inner, Bytes) and isinstance(inner.length, int):
+        fmtstr, length = f"<{inner.length}s", inner.length
+    if not name or not fmtstr or fmtstr[0] != "<":
+        raise TypeError(f"{name!r} is not a named little-endian integer field")
+    return Field(name, fmtstr[1:], const, length)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Fixed:
     """A construct Struct of plain integer fields, as one ``struct.Struct``."""
 
@@ -354,24 +383,12 @@ class Fixed:
 def fixed(declaration: Any) -> Fixed:
     """Derive the ``struct`` format of a construct Struct of fixed-size fields.
 
-    Only named little-endian FormatFields (optionally wrapped in Const) and
-    Bytes of a constant length are allowed: anything else raises TypeError, so
-    the schema can't drift from the fast path unseen.
+    Raises TypeError (see :func:`field`) for any subcon that is not a fixed field,
+    so the schema can't drift from the fast path unseen.
     """
-    codes = ["<"]
-    names = []
-    consts = []
-    for position, sub in enumerate(declaration.subcons):
-        name, inner, const = sub.name, getattr(sub, "subcon", sub), None  # unnamed: no subcon
-        if isinstance(inner, Const):
-            const, inner = inner.value, inner.subcon
-        fmtstr = getattr(inner, "fmtstr", None)
-        if isinstance(inner, Bytes) and isinstance(inner.length, int):
-            fmtstr = f"<{inner.length}s"
-        if not name or not fmtstr or fmtstr[0] != "<":
-            raise TypeError(f"{name!r} is not a named little-endian integer field")
-        codes.append(fmtstr[1:])
-        names.append(name)
-        if const is not None:
-            consts.append((position, const))
-    return Fixed(struct.Struct("".join(codes)), tuple(names), tuple(consts))
+    fields = [field(sub) for sub in declaration.subcons]
+    return Fixed(
+        struct.Struct("<" + "".join(f.code for f in fields)),
+        tuple(f.name for f in fields),
+        tuple((i, f.const) for i, f in enumerate(fields) if f.const is not None),
+    )

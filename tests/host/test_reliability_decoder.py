@@ -29,7 +29,7 @@ def test_coverage_guided_session() -> None:
         "decoder under a coverage-guided fuzzer",
         "host",
         f"{runs:,} mutations of the corpus ({len(CASES)} kept inputs + golden vectors), "
-        "guided by the line arcs of primed/wire/protocol.py they reach",
+        "guided by the line arcs of the decoder they reach (framing, codec, generated code)",
         f"every input decodes or raises RemoteProtocolError; {arcs} arcs reached",
         runs=runs,
         arcs=arcs,

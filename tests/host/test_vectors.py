@@ -172,6 +172,15 @@ def message_of(entry: dict[str, Any]) -> Message:
     return message
 
 
+def test_index_describes_its_keys() -> None:
+    index = json.loads((FOLDER / "vectors.json").read_text("utf-8"))
+    assert list(index) == ["description", "protocol_version", "vectors"]
+    assert index["protocol_version"] == schema.VERSION
+    described = set(re.findall(r"\b[a-z_]+\b", index["description"]))
+    assert {"protocol_version", "vectors"} <= described
+    assert set(INDEX[0]) <= described  # every key of an entry, "name" among them
+
+
 def test_index_matches_the_folder() -> None:
     files = {e["file"] for e in INDEX}
     assert len(files) == len(INDEX)

@@ -95,10 +95,12 @@ DRM_IOCTL_MODE_GETENCODER = _iowr("d", 0xA6, drm_mode_get_encoder.size)
 DRM_IOCTL_MODE_GETCONNECTOR = _iowr("d", 0xA7, drm_mode_get_connector.size)
 DRM_IOCTL_MODE_RMFB = _iowr("d", 0xAF, ctypes.sizeof(ctypes.c_uint))  # takes an unsigned int
 DRM_IOCTL_MODE_ADDFB2 = _iowr("d", 0xB8, drm_mode_fb_cmd2.size)
+DRM_IOCTL_MODE_GETFB2 = _iowr("d", 0xCE, drm_mode_fb_cmd2.size)
 DMA_BUF_IOCTL_SYNC = _iow("b", 0, dma_buf_sync.size)
 
 DRM_CAP_DUMB_BUFFER = 0x1
 DRM_CAP_PRIME = 0x5
+DRM_CAP_ADDFB2_MODIFIERS = 0x10  #: 1 if ADDFB2 takes DRM_MODE_FB_MODIFIERS (KMS drivers only)
 DRM_PRIME_CAP_IMPORT = 0x1
 DRM_PRIME_CAP_EXPORT = 0x2
 DRM_RDWR = os.O_RDWR
@@ -112,6 +114,12 @@ DMA_BUF_SYNC_END = 1 << 2
 
 DRM_MODE_FB_MODIFIERS = 1 << 1  #: drm_mode_fb_cmd2.modifier[] is valid
 DRM_MODE_TYPE_PREFERRED = 1 << 3  #: the mode a connector's sink prefers
+
+#: drm_fourcc.h's "no modifier given": the layout is whatever the driver implies
+#: for the buffer (on a dumb buffer, linear). Never a real layout: unlike
+#: DRM_FORMAT_MOD_LINEAR (0), it goes to ADDFB2 as the absence of
+#: DRM_MODE_FB_MODIFIERS, never as a modifier.
+DRM_FORMAT_MOD_INVALID = 0x00FFFFFFFFFFFFFF
 
 #: The major device number of DRM nodes.
 DRM_MAJOR = 226
@@ -266,6 +274,40 @@ def addfb2(
     )  # fmt: skip
     _ioctl(fd, DRM_IOCTL_MODE_ADDFB2, arg, "DRM_IOCTL_MODE_ADDFB2")
     return int(drm_mode_fb_cmd2.unpack(arg)[0])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FbCmd2:
+    """What DRM_IOCTL_MODE_GETFB2 says about a framebuffer (struct drm_mode_fb_cmd2)."""
+
+    fb_id: int
+    width: int
+    height: int
+    pixel_format: int
+    flags: int  #: DRM_MODE_FB_MODIFIERS if it was added with an explicit modifier
+    handles: tuple[int, int, int, int]  #: new GEM handles the caller must close; 0 if none
+    pitches: tuple[int, int, int, int]
+    offsets: tuple[int, int, int, int]
+    modifiers: tuple[int, int, int, int]  #: only filled with DRM_MODE_FB_MODIFIERS in flags
+
+
+def get_fb2(fd: int, fb_id: int) -> FbCmd2:
+    """DRM_IOCTL_MODE_GETFB2: any framebuffer of the device, not only this fd's.
+
+    ENOENT if there is no framebuffer ``fb_id``. Only DRM master or root get
+    handles: new ones on ``fd`` (one per distinct GEM object), which the caller
+    must GEM_CLOSE; anyone else gets zeros.
+    """
+    arg = bytearray(drm_mode_fb_cmd2.pack(fb_id, *[0] * 20))
+    _ioctl(fd, DRM_IOCTL_MODE_GETFB2, arg, f"DRM_IOCTL_MODE_GETFB2({fb_id})")
+    fields = drm_mode_fb_cmd2.unpack(arg)
+
+    def four(at: int) -> tuple[int, int, int, int]:
+        a, b, c, d = fields[at : at + 4]
+        return (a, b, c, d)
+
+    fb, width, height, pixel_format, flags = fields[:5]
+    return FbCmd2(fb, width, height, pixel_format, flags, four(5), four(9), four(13), four(17))
 
 
 def rmfb(fd: int, fb_id: int) -> None:

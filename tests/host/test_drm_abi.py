@@ -47,9 +47,11 @@ REQUIRED_NUMBERS = {
     "DRM_IOCTL_MODE_GETCONNECTOR",
     "DRM_IOCTL_MODE_RMFB",
     "DRM_IOCTL_MODE_ADDFB2",
+    "DRM_IOCTL_MODE_GETFB2",
     "DMA_BUF_IOCTL_SYNC",
     "DRM_CAP_DUMB_BUFFER",
     "DRM_CAP_PRIME",
+    "DRM_CAP_ADDFB2_MODIFIERS",
     "DRM_PRIME_CAP_IMPORT",
     "DRM_PRIME_CAP_EXPORT",
     "DMA_BUF_SYNC_READ",
@@ -59,6 +61,7 @@ REQUIRED_NUMBERS = {
     "DMA_BUF_SYNC_END",
     "DRM_MODE_FB_MODIFIERS",
     "DRM_MODE_TYPE_PREFERRED",
+    "DRM_FORMAT_MOD_INVALID",
 }
 
 MODEINFO = (
@@ -312,6 +315,12 @@ def test_number(kernel: dict[str, int], name: str) -> None:
 
 def test_linear_modifier(kernel: dict[str, int]) -> None:
     assert kernel["value DRM_FORMAT_MOD_LINEAR"] == formats.MOD_LINEAR
+
+
+def test_invalid_modifier_is_not_linear(kernel: dict[str, int]) -> None:
+    # "No modifier given" must never be mistaken for LINEAR (0), which is a real one.
+    assert kernel["value DRM_FORMAT_MOD_INVALID"] == drm.DRM_FORMAT_MOD_INVALID
+    assert drm.DRM_FORMAT_MOD_INVALID == (1 << 56) - 1 != formats.MOD_LINEAR
 
 
 @pytest.mark.parametrize("code", sorted(f.code for f in formats.FORMATS.values()))

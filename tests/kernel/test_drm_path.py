@@ -113,6 +113,16 @@ def test_every_format_allocates_imports_and_maps(
         assert buf.size == os.lseek(buf.fd, 0, os.SEEK_END)  # the dma-buf's own size
         with device.import_buffer(buf) as imported:
             assert imported.handle > 0
+            assert (imported.width, imported.height, imported.format) == (width, height, code)
+            assert (imported.modifier, imported.planes) == (formats.MOD_LINEAR, buf.planes)
+        copy = os.dup(buf.fd)
+        try:
+            bare = device.import_buffer(copy)
+        finally:
+            os.close(copy)  # the handle needs no fd
+        with bare:
+            assert bare.layout is None
+            assert bare.size == buf.size  # the dma-buf's inode has the buffer's size
         with buf.map() as pixels:
             pixels[expected.size - 1] = 0xA5
         with buf.map(write=False) as pixels:

@@ -18,6 +18,7 @@ import time
 import pytest
 
 import primed
+from primed.client.device import BufferLayout
 from primed.kernel import drm
 from tests.kernel.conftest import Nodes
 from tests.kernel.screendump import screendump
@@ -134,7 +135,8 @@ def test_scan_out_a_primed_buffer(daemon: Daemon, nodes: dict[str, Nodes]) -> No
             shown = (output.mode.hdisplay, output.mode.vdisplay)
             assert shown == (WIDTH, HEIGHT), f"preferred mode {output.mode}"
             imported = card.import_buffer(buf)
-            fb = card.add_framebuffer(imported, buf)
+            assert imported.layout == BufferLayout.of(buf)
+            fb = card.add_framebuffer(imported)
             drm.set_crtc(card.fd, output.crtc, fb.id, [output.connector.connector_id], output.mode)
             assert drm.get_crtc(card.fd, output.crtc).fb_id == fb.id
             time.sleep(0.5)
@@ -167,22 +169,23 @@ def test_framebuffers_go_before_their_handle(daemon: Daemon, nodes: dict[str, No
         buf, other = client.allocate(64, 64, "XR24", count=2)
         with primed.Device(nodes["virtio_gpu"].card) as card:
             first, second = card.import_buffer(buf), card.import_buffer(buf.fd)
-            fb = card.add_framebuffer(first, buf)
+            fb = card.add_framebuffer(first)
             assert fb.id in drm.get_resources(card.fd).fbs
-            with pytest.raises(ValueError, match="not the dma-buf"):
-                card.add_framebuffer(first, other)
+            with pytest.raises(ValueError, match="no layout"):
+                card.add_framebuffer(second)  # a bare fd: it has a handle but no layout
+            assert drm.get_resources(card.fd).fbs == (fb.id,)
             first.close()  # the handle lives on in `second`, and so does its framebuffer
             assert not fb.closed and fb.id in drm.get_resources(card.fd).fbs
             second.close()
             assert fb.closed and fb.id not in drm.get_resources(card.fd).fbs
 
-            with card.import_buffer(buf) as imported, card.add_framebuffer(imported, buf) as fb:
+            with card.import_buffer(buf) as imported, card.add_framebuffer(imported) as fb:
                 assert fb.id in drm.get_resources(card.fd).fbs
             assert drm.get_resources(card.fd).fbs == ()
             fb.close()  # idempotent
 
             imported = card.import_buffer(other)
-            kept = card.add_framebuffer(imported, other)
+            kept = card.add_framebuffer(imported)
         assert kept.closed and imported.handle > 0
         imported.close()  # after the Device: nothing left to do
 
@@ -197,7 +200,7 @@ def test_render_node_and_vgem_refuse_framebuffers(daemon: Daemon, nodes: dict[st
         ):
             with primed.Device(path) as device, device.import_buffer(buf) as imported:
                 with pytest.raises(primed.KernelError) as refused:
-                    device.add_framebuffer(imported, buf)
+                    device.add_framebuffer(imported)
                 assert refused.value.errno == code, f"{path}: {refused.value}"
                 assert hint in str(refused.value) and path in str(refused.value)
                 assert device.framebuffers() == []

@@ -527,6 +527,6 @@ def hold_primed(client: primed.Client, count: int, size: tuple[int, int] = (64, 
     """Have the daemon keep ``count`` more buffers for ``client`` (their fds closed here)."""
     while count > 0:
         batch = min(count, 1024)
-        for buffer in client.allocate(*size, "XR24", count=batch):
+        for buffer in client.allocate_many(*size, "XR24", batch):
             buffer.close()
         count -= batch

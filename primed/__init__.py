@@ -5,6 +5,7 @@ The public API::
     import primed
     with primed.connect() as client:
         buf = client.allocate(1920, 1080, "NV12")
+        more = client.allocate_many(64, 64, "XR24", 4)
         with primed.Device("/dev/dri/renderD128") as dev:
             handle = dev.import_buffer(buf)
         with buf.map() as pixels:
@@ -18,15 +19,16 @@ The public API::
 from __future__ import annotations
 
 from primed.client.blocking import Client, Pending, connect
-from primed.client.buffer import Buffer, Mapping, Plane
-from primed.client.connection import DEFAULT_SOCKET, Offer, ServerInfo
+from primed.client.buffer import Buffer, Mapping
+from primed.client.core import DEFAULT_SOCKET, Offer, ServerInfo
 from primed.client.device import Device, Framebuffer, Import
 from primed.client.direct import recv_buffer, recv_buffer_async, send_buffer, send_buffer_async
-from primed.client.trio import AsyncClient, connect_async
+from primed.client.trio import AsyncClient, AsyncPending, connect_async
 from primed.errors import (
     ConnectionLost,
     ErrorCode,
     KernelError,
+    LayoutError,
     LocalProtocolError,
     NoDevice,
     NotImportable,
@@ -34,8 +36,10 @@ from primed.errors import (
     ProtocolError,
     RemoteProtocolError,
     ServerError,
+    UnknownFormat,
 )
-from primed.formats import FORMATS, Format, Limits
+from primed.fdpass import Truncated
+from primed.formats import FORMATS, Format, Limits, Plane
 from primed.wire.schema import Backend
 
 __version__ = "0.1.0"
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_SOCKET",
     "FORMATS",
     "AsyncClient",
+    "AsyncPending",
     "Backend",
     "Buffer",
     "Client",
@@ -54,6 +59,7 @@ __all__ = [
     "Framebuffer",
     "Import",
     "KernelError",
+    "LayoutError",
     "Limits",
     "LocalProtocolError",
     "Mapping",
@@ -67,6 +73,8 @@ __all__ = [
     "RemoteProtocolError",
     "ServerError",
     "ServerInfo",
+    "Truncated",
+    "UnknownFormat",
     "connect",
     "connect_async",
     "recv_buffer",

@@ -70,8 +70,9 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent a message the protocol does not allow."""
 
 
-class ConnectionLost(PrimedError):
-    """The connection to the daemon (or peer) closed while a reply was awaited."""
+class ConnectionLost(PrimedError, ConnectionError):
+    """The connection to the daemon (or peer) closed while a reply was awaited, or
+    was used after it had failed. Also a ConnectionError (an OSError)."""
 
 
 class ServerError(PrimedError):
@@ -103,6 +104,21 @@ class NoDevice(KernelError):
 
 class NotImportable(PrimedError):
     """The buffer cannot become a GEM handle (e.g. a memfd buffer, which is CPU-only)."""
+
+
+class UnknownFormat(PrimedError, ValueError):
+    """A format name or fourcc that is not in primed's table. Also a ValueError."""
+
+
+class LayoutError(PrimedError, ValueError):
+    """A request the format table or the limits refuse; ``limit`` says if a limit was hit.
+
+    Also a ValueError.
+    """
+
+    def __init__(self, message: str, *, limit: bool = False):
+        super().__init__(message)
+        self.limit = limit
 
 
 def server_error(code: int, errno: int, text: str) -> ServerError:

@@ -31,7 +31,13 @@ SO_PASSRIGHTS = 83
 
 
 class Truncated(RemoteProtocolError):
-    """The datagram or its fds did not arrive whole; what did arrive was closed."""
+    """The datagram or its fds did not arrive whole; the fds that did arrive were closed.
+
+    ``datagram`` is the datagram's bytes when only its fds were cut off (MSG_CTRUNC:
+    the bytes are whole), else None. :func:`recv` and :func:`recv_async` set it.
+    """
+
+    datagram: bytes | None = None
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -75,18 +81,29 @@ def refuse_rights(sock: socket.socket | Any) -> bool:
     return True
 
 
-def recv(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """Receive one datagram and its fds from a blocking socket; ``(b"", [])`` is the
-    end of the stream. Raises :class:`Truncated` (having closed what arrived)."""
-    data, ancdata, msg_flags, _ = sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, RECV_FLAGS)
-    return data, take_fds(ancdata, msg_flags)
+def _received(
+    data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int
+) -> tuple[bytes, list[int]]:
+    try:
+        return data, take_fds(ancdata, msg_flags)
+    except Truncated as e:
+        if not msg_flags & socket.MSG_TRUNC:
+            e.datagram = data
+        raise
 
 
-async def recv_async(sock: Any) -> tuple[bytes, list[int]]:
-    """Receive one datagram and its fds from a trio socket (or anything with an
-    awaitable ``recvmsg``). ``(b"", [])`` is the end of the stream."""
-    data, ancdata, msg_flags, _ = await sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, RECV_FLAGS)
-    return data, take_fds(ancdata, msg_flags)
+def recv(sock: socket.socket, size: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
+    """Receive one datagram (on a stream socket: up to ``size`` bytes) and its fds from
+    a blocking socket; ``(b"", [])`` is the end of the stream. Raises
+    :class:`Truncated` (having closed what arrived), OSError."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(size, ANCILLARY_SPACE, RECV_FLAGS)
+    return _received(data, ancdata, msg_flags)
+
+
+async def recv_async(sock: Any, size: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
+    """As :func:`recv`, from a trio socket (or anything with an awaitable ``recvmsg``)."""
+    data, ancdata, msg_flags, _ = await sock.recvmsg(size, ANCILLARY_SPACE, RECV_FLAGS)
+    return _received(data, ancdata, msg_flags)
 
 
 def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from primed.errors import LayoutError as LayoutError  # noqa: PLC0414 (re-exported)
+from primed.errors import UnknownFormat as UnknownFormat  # noqa: PLC0414 (re-exported)
+
 #: DRM_FORMAT_MOD_LINEAR: the only modifier a dumb buffer can have.
 MOD_LINEAR = 0
 #: The pitch alignment primed uses where it chooses the pitch itself (bytes).
@@ -94,7 +97,7 @@ _BY_TEXT = {**{f.code.upper(): f for f in _TABLE}, **{f.name.upper(): f for f in
 def lookup(spec: str | int) -> Format:
     """The format named by a fourcc ("NV12"), a DRM name ("XRGB8888") or a fourcc integer.
 
-    Raises ValueError for a format primed does not lay out.
+    Raises UnknownFormat (a ValueError) for a format primed does not lay out.
     """
     if isinstance(spec, int):
         found = FORMATS.get(spec)
@@ -102,7 +105,7 @@ def lookup(spec: str | int) -> Format:
         found = _BY_TEXT.get(spec.strip().upper())
     if found is None:
         shown = fourcc_str(spec) if isinstance(spec, int) else spec
-        raise ValueError(
+        raise UnknownFormat(
             f"unsupported format {shown!r}; known: {', '.join(f.code for f in _TABLE)}"
         )
     return found
@@ -110,6 +113,8 @@ def lookup(spec: str | int) -> Format:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Plane:
+    """Where one plane of a buffer lies."""
+
     offset: int  #: bytes from the start of the buffer
     pitch: int  #: bytes from one row to the next
 
@@ -128,14 +133,6 @@ class Limits:
     max_height: int = 16384
     max_size: int = 1 << 30  #: bytes per buffer
     max_count: int = 1024  #: buffers per request
-
-
-class LayoutError(ValueError):
-    """A request the format table or the limits refuse; ``limit`` says if a limit was hit."""
-
-    def __init__(self, message: str, *, limit: bool = False):
-        super().__init__(message)
-        self.limit = limit
 
 
 def _align(value: int, to: int) -> int:

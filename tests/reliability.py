@@ -315,7 +315,7 @@ rounds = 0
 with primed.connect(sys.argv[1], name="well-behaved") as client:
     while not select.select([sys.stdin], [], [], 0)[0]:
         count = rounds % 3 + 1
-        bufs = client.allocate(64, 32, "XR24", count=count)
+        bufs = client.allocate_many(64, 32, "XR24", count)
         assert len(bufs) == count and all(b.id > 0 for b in bufs), bufs
         for i, buf in enumerate(bufs):
             with buf.map() as pixels:
@@ -386,7 +386,7 @@ clients = []
 for n in range(conns):
     started = time.perf_counter()
     client = primed.connect(path, name=f"load {seed}:{n}")
-    bufs = client.allocate(64, 64, "XR24", count=held)
+    bufs = client.allocate_many(64, 64, "XR24", held)
     setup.append(time.perf_counter() - started)
     assert len(bufs) == held
     clients.append((client, bufs))

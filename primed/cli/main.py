@@ -190,7 +190,7 @@ def _alloc(args: argparse.Namespace) -> int:
     device = Device(args.import_node) if args.import_node else None
     try:
         with connect(args.socket, name="primed alloc") as client:
-            buffers = client.allocate(width, height, args.format, count=args.count)
+            buffers = client.allocate_many(width, height, args.format, args.count)
             described = []
             for buffer in buffers:
                 entry = buffer.describe()

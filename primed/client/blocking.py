@@ -1,163 +1,148 @@
-"""The blocking client: one socket, no event loop; requests may be pipelined."""
+"""The blocking client: one socket, no event loop; requests may be pipelined.
+
+Every protocol rule lives in :class:`primed.client.core.ClientConnection`; this
+module only sends its datagrams and feeds it what the socket receives.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Generic, TypeVar, cast, overload
+from typing import Generic, TypeVar
 
 from primed import fdpass
 from primed.client.buffer import Buffer
-from primed.client.connection import (
+from primed.client.core import (
+    Call,
     ClientConnection,
     Offer,
-    Result,
+    Page,
     ServerInfo,
     buffer_ids,
     socket_path,
-    unwrap,
 )
 from primed.errors import ConnectionLost
-from primed.wire.protocol import (
-    LIST_BUFFERS,
-    LIST_CLIENTS,
-    BufferEntry,
-    ClientEntry,
-    Listed,
-    Statistics,
-)
+from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
+
+T = TypeVar("T")
+E = TypeVar("E", ClientEntry, BufferEntry)
 
 
 def _default_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
-T = TypeVar("T")
-
-
 class Pending(Generic[T]):
     """A request sent but not yet answered (see :meth:`Client.start_allocate`)."""
 
-    __slots__ = ("_client", "_many", "serial")
+    __slots__ = ("_call", "_client")
 
-    def __init__(self, client: Client, serial: int, many: bool = True):
+    def __init__(self, client: Client, call: Call[T]):
         self._client = client
-        self._many = many
-        self.serial = serial
+        self._call = call
+
+    @property
+    def serial(self) -> int:
+        """The request's serial."""
+        return self._call.serial
 
     def wait(self) -> T:
         """Read replies until this one has come; return its result or raise its error.
 
         Replies to other pending requests that arrive first are kept for them.
         """
-        result = self._client._wait(self.serial)
-        if isinstance(result, list) and not self._many:
-            return cast(T, result[0])
-        return cast(T, result)
+        return self._client._wait(self._call)
 
 
 class Client:
     """A connection to the daemon. Use :func:`primed.connect` to make one.
 
     Each method sends one request and waits for its answer. To have many
-    requests in flight, use ``start_allocate`` / ``start_release`` and wait on
-    the returned :class:`Pending` objects later, in any order.
+    requests in flight, use the ``start_*`` methods and wait on the returned
+    :class:`Pending` objects later, in any order.
     """
 
     def __init__(self, sock: socket.socket, name: str | None = None):
         self._sock = sock
-        self._conn = ClientConnection(_default_name() if name is None else name)
-        self._ready: dict[int, Result] = {}  # answers that came before they were waited on
-        self.info: ServerInfo = cast(ServerInfo, self._call(*self._conn.hello()))
+        self._core = ClientConnection(_default_name() if name is None else name)
+        self.info: ServerInfo = self._call(self._core.hello())
 
-    def _send(self, serial: int, data: bytes) -> int:
+    def _send(self, data: bytes) -> None:
         try:
             fdpass.send(self._sock, data, [])
         except (BrokenPipeError, ConnectionResetError):
             pass  # a daemon that refused us said why before closing: read on
-        return serial
 
-    def _wait(self, serial: int) -> Result:
-        if serial in self._ready:
-            return unwrap(self._ready.pop(serial))
-        try:
-            while True:
-                received, fds = fdpass.recv(self._sock)
-                if not received and not fds:
-                    raise ConnectionLost("the daemon closed the connection")
-                done = self._conn.receive(received, fds)
-                if done is not None:
-                    got, result = done
-                    if got in (serial, 0):
-                        return unwrap(result)
-                    self._ready[got] = result
-        except (BrokenPipeError, ConnectionResetError) as e:
-            self._conn.abandon()
-            raise ConnectionLost(f"the daemon closed the connection: {e}") from None
+    def _start(self, call: Call[T]) -> Pending[T]:
+        self._send(call.data)
+        # Not Pending[T](...): that form costs microseconds (typing tries to set
+        # __orig_class__ on a slotted object) on every request.
+        return Pending(self, call)
 
-    def _call(self, serial: int, data: bytes) -> Result:
-        return self._wait(self._send(serial, data))
+    def _wait(self, call: Call[T]) -> T:
+        core = self._core
+        while not call.done:
+            try:
+                data, fds = fdpass.recv(self._sock)
+            except fdpass.Truncated as e:
+                core.truncated(e)
+            except OSError as e:
+                core.fail(ConnectionLost(f"the daemon closed the connection: {e}"))
+            else:
+                core.receive(data, fds)
+            for datagram in core.data_to_send():
+                self._send(datagram)
+        return core.take(call)
 
-    @overload
-    def start_allocate(
-        self, width: int, height: int, format: str | int = ...
-    ) -> Pending[Buffer]: ...
-    @overload
-    def start_allocate(
-        self, width: int, height: int, format: str | int = ..., *, count: int
-    ) -> Pending[list[Buffer]]: ...
+    def _call(self, call: Call[T]) -> T:
+        self._send(call.data)
+        return self._wait(call)
 
     def start_allocate(
-        self, width: int, height: int, format: str | int = "XR24", *, count: int | None = None
-    ) -> Pending[Buffer] | Pending[list[Buffer]]:
-        """Send an Allocate and return at once; ``wait()`` gives what allocate() would."""
-        request = self._conn.allocate(width, height, format, 1 if count is None else count)
-        if count is None:
-            # Not Pending[Buffer](...): that form costs microseconds (typing tries to
-            # set __orig_class__ on a slotted object) on every request.
-            one: Pending[Buffer] = Pending(self, self._send(*request), many=False)
-            return one
-        many: Pending[list[Buffer]] = Pending(self, self._send(*request))
-        return many
+        self, width: int, height: int, format: str | int = "XR24"
+    ) -> Pending[Buffer]:
+        """Send an ALLOCATE and return at once; ``wait()`` gives what allocate() would."""
+        return self._start(self._core.allocate(width, height, format))
+
+    def start_allocate_many(
+        self, width: int, height: int, format: str | int, count: int
+    ) -> Pending[list[Buffer]]:
+        """Send an ALLOCATE and return at once; ``wait()`` gives what allocate_many() would."""
+        return self._start(self._core.allocate_many(width, height, format, count))
 
     def start_release(self, *buffers: Buffer | int) -> Pending[int]:
-        """Send a Release and return at once; ``wait()`` gives the count released.
+        """Send a RELEASE and return at once; ``wait()`` gives the count released.
 
         Buffers' fds are not closed: close them yourself.
         """
-        pending: Pending[int] = Pending(self, self._send(*self._conn.release(buffer_ids(buffers))))
-        return pending
+        return self._start(self._core.release(buffer_ids(buffers)))
 
-    @overload
-    def allocate(self, width: int, height: int, format: str | int = ...) -> Buffer: ...
-    @overload
-    def allocate(
-        self, width: int, height: int, format: str | int = ..., *, count: int
-    ) -> list[Buffer]: ...
-
-    def allocate(
-        self, width: int, height: int, format: str | int = "XR24", *, count: int | None = None
-    ) -> Buffer | list[Buffer]:
-        """Allocate one buffer, or a list of ``count`` buffers.
+    def allocate(self, width: int, height: int, format: str | int = "XR24") -> Buffer:
+        """Allocate one buffer.
 
         ``format`` is a fourcc ("NV12"), a DRM name ("XRGB8888") or a fourcc
         integer. Raises ServerError (e.g. LIMIT_EXCEEDED, or KERNEL with the
-        kernel's errno), ConnectionLost, ValueError for an unknown format.
+        kernel's errno), ConnectionLost, UnknownFormat (a ValueError) for a format
+        name primed does not know.
         """
-        if count is None:
-            return self.start_allocate(width, height, format).wait()
-        return self.start_allocate(width, height, format, count=count).wait()
+        return self._call(self._core.allocate(width, height, format))
+
+    def allocate_many(self, width: int, height: int, format: str | int, count: int) -> list[Buffer]:
+        """Allocate ``count`` buffers, all or none, as :meth:`allocate`; returns them in
+        the order of their ids."""
+        return self._call(self._core.allocate_many(width, height, format, count))
 
     def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """Drop the daemon's reference to ``buffers`` (Buffers or ids); returns how many.
 
         With ``close`` (the default) each Buffer's own fd is closed too. Memory
         stays alive while a mapping, a GEM handle or an fd elsewhere refers to it.
+        Raises ServerError UNKNOWN_BUFFER (and releases none) if any id is not live.
         """
-        count = cast(int, self._call(*self._conn.release(buffer_ids(buffers))))
+        count = self._call(self._core.release(buffer_ids(buffers)))
         if close:
             for b in buffers:
                 if isinstance(b, Buffer):
@@ -174,47 +159,47 @@ class Client:
         or this client disconnects. Raises ServerError UNKNOWN_BUFFER.
         """
         ident = buffer.id if isinstance(buffer, Buffer) else buffer
-        return cast(str, self._call(*self._conn.share(ident, once, uids or ())))
+        return self._call(self._core.share(ident, once, uids or ()))
 
     def open_shared(self, token: str | bytes) -> Buffer:
         """The buffer another client shared as ``token`` (its id is 0: it stays theirs).
 
         Raises ServerError UNKNOWN_TOKEN, the same for every token that can't be
-        opened (wrong, revoked, used, dead, or not for this uid).
+        opened (wrong, revoked, used, dead, or not for this uid); ValueError for a
+        token of the wrong length.
         """
-        return cast(list[Buffer], self._call(*self._conn.open_shared(token)))[0]
+        return self._call(self._core.open_shared(token))
 
     def revoke(self, token: str | bytes) -> None:
         """Make one of this client's tokens stop working. Raises ServerError UNKNOWN_TOKEN."""
-        self._call(*self._conn.revoke(token))
+        self._call(self._core.revoke(token))
 
     def query(self) -> Offer:
         """What the daemon offers: formats, modifiers, limits, and this client's quota use."""
-        return cast(Offer, self._call(*self._conn.query()))
+        return self._call(self._core.query())
 
     def clients(self) -> list[ClientEntry]:
         """The connected clients this client may see (all for root and the admin group,
         else itself)."""
-        return cast(list[ClientEntry], self._pages(LIST_CLIENTS))
+        return self._pages(self._core.list_clients)
 
     def buffers(self) -> list[BufferEntry]:
         """The live buffers this client may see (all for root and the admin group, else
         its own)."""
-        return cast(list[BufferEntry], self._pages(LIST_BUFFERS))
+        return self._pages(self._core.list_buffers)
 
-    def _pages(self, what: int) -> list[ClientEntry | BufferEntry]:
-        entries: list[ClientEntry | BufferEntry] = []
-        start = 0
-        while True:
-            page = cast(Listed, self._call(*self._conn.list_page(what, start)))
+    def _pages(self, ask: Callable[[int], Call[Page[E]]]) -> list[E]:
+        entries: list[E] = []
+        page = self._call(ask(0))
+        entries += page.entries
+        while page.next:
+            page = self._call(ask(page.next))
             entries += page.entries
-            if not page.next:
-                return entries
-            start = page.next
+        return entries
 
     def stats(self) -> Statistics:
         """The daemon's counters and totals."""
-        return cast(Statistics, self._call(*self._conn.stats()))
+        return self._call(self._core.stats())
 
     def open_buffer(self, client: int, ident: int) -> Buffer:
         """Buffer ``ident`` of client number ``client`` (as :meth:`buffers` shows them).
@@ -222,17 +207,15 @@ class Client:
         Only root and the daemon's admin group may; others get ServerError
         PERMISSION_DENIED. The returned Buffer has id 0: it stays its owner's.
         """
-        return cast(list[Buffer], self._call(*self._conn.open_buffer(client, ident)))[0]
+        return self._call(self._core.open_buffer(client, ident))
 
     def close(self) -> None:
-        """Disconnect; the daemon frees every buffer this client still owned."""
-        self._conn.abandon()
-        for result in self._ready.values():
-            if isinstance(result, list):
-                for buffer in result:
-                    buffer.close()
-        self._ready.clear()
-        self._sock.close()
+        """Disconnect; the daemon frees every buffer this client still owned, and so
+        are the buffers of answers never waited for closed."""
+        try:
+            self._core.close()
+        finally:
+            self._sock.close()
 
     def __enter__(self) -> Client:
         return self
@@ -248,7 +231,8 @@ class Client:
 
 def connect(path: str | None = None, *, name: str | None = None) -> Client:
     """Connect to the daemon at ``path`` (default: $PRIMED_SOCKET, else
-    /run/primed/primed.sock) and shake hands. Raises OSError if nothing listens.
+    /run/primed/primed.sock) and shake hands. Raises OSError if nothing listens,
+    ServerError if the daemon refuses this client.
     """
     where = socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)

@@ -10,22 +10,16 @@ contract, and primed relies on it.
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
 import weakref
 from types import TracebackType
 
 from primed.errors import KernelError
+from primed.formats import Plane as Plane  # noqa: PLC0414 (re-exported)
 from primed.formats import fourcc_str
 from primed.kernel import drm
 from primed.wire.schema import Backend
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Plane:
-    offset: int  #: bytes from the start of the buffer
-    pitch: int  #: bytes from one row to the next
 
 
 def _close_quietly(fd: int) -> None:

@@ -20,7 +20,7 @@ import trio
 
 from primed import fdpass
 from primed.client.buffer import Buffer
-from primed.client.connection import buffer_from
+from primed.client.core import buffer_from
 from primed.errors import ConnectionLost, RemoteProtocolError
 from primed.wire import protocol
 from primed.wire.protocol import HEADER_SIZE, BufferInfo, Passed
@@ -48,7 +48,10 @@ def _buffer(data: bytes, fds: list[int]) -> Buffer:
 
 
 class _StreamReader:
-    """Collects one message: from a stream, how much to read next; from a datagram, at once."""
+    """Collects one message: from a stream, how much to read next; from a datagram, at once.
+
+    It owns the fds collected; whoever drives it calls :meth:`fail` if anything raises.
+    """
 
     def __init__(self) -> None:
         self.data = b""
@@ -62,21 +65,21 @@ class _StreamReader:
         if not self.end:
             size = int.from_bytes(self.data[_SIZE_AT], "little")
             if size > MAX_MESSAGE - HEADER_SIZE:
-                fdpass.close_fds(self.fds)
                 raise RemoteProtocolError(f"a message of {size} bytes is too long")
             self.end = HEADER_SIZE + size
         return self.end - len(self.data)
 
-    def feed(self, chunk: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> None:
-        try:
-            self.fds += fdpass.take_fds(ancdata, flags)
-        except RemoteProtocolError:
-            fdpass.close_fds(self.fds)
-            raise
+    def feed(self, chunk: bytes, fds: list[int]) -> None:
+        """Add what one receive gave (``(b"", [])``: the end of the stream)."""
+        self.fds += fds
         if not chunk:
-            fdpass.close_fds(self.fds)
             raise ConnectionLost("the peer closed the socket before a whole buffer arrived")
         self.data += chunk
+
+    def fail(self) -> None:
+        """A receive failed: close the fds collected so far."""
+        fdpass.close_fds(self.fds)
+        self.fds = []
 
 
 def send_buffer(sock: socket.socket, buffer: Buffer) -> None:
@@ -93,11 +96,15 @@ def recv_buffer(sock: socket.socket) -> Buffer:
     Raises RemoteProtocolError for a malformed message, ConnectionLost on end of stream.
     """
     reader = _StreamReader()
-    if sock.type == socket.SOCK_STREAM:
-        while wanted := reader.wanted():
-            reader.feed(*sock.recvmsg(wanted, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS)[:3])
-    else:
-        reader.feed(*sock.recvmsg(MAX_MESSAGE, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS)[:3])
+    try:
+        if sock.type == socket.SOCK_STREAM:
+            while wanted := reader.wanted():
+                reader.feed(*fdpass.recv(sock, wanted))
+        else:
+            reader.feed(*fdpass.recv(sock))
+    except BaseException:
+        reader.fail()
+        raise
     return _buffer(reader.data, reader.fds)
 
 
@@ -112,11 +119,13 @@ async def send_buffer_async(sock: trio.socket.SocketType, buffer: Buffer) -> Non
 async def recv_buffer_async(sock: trio.socket.SocketType) -> Buffer:
     """As :func:`recv_buffer`, on a trio socket."""
     reader = _StreamReader()
-    if sock.type == socket.SOCK_STREAM:
-        while wanted := reader.wanted():
-            received = await sock.recvmsg(wanted, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS)
-            reader.feed(*received[:3])
-    else:
-        received = await sock.recvmsg(MAX_MESSAGE, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS)
-        reader.feed(*received[:3])
+    try:
+        if sock.type == socket.SOCK_STREAM:
+            while wanted := reader.wanted():
+                reader.feed(*await fdpass.recv_async(sock, wanted))
+        else:
+            reader.feed(*await fdpass.recv_async(sock))
+    except BaseException:
+        reader.fail()
+        raise
     return _buffer(reader.data, reader.fds)

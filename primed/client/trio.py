@@ -1,139 +1,188 @@
 """The trio client: many tasks may share one connection, with requests in flight at once.
 
-A reader task owns the receiving side and hands each completed reply to the
-task waiting on its serial. A task cancelled while its Allocate is in flight
-does not leak: when the reply arrives, its buffers are closed and released.
+Every protocol rule lives in :class:`primed.client.core.ClientConnection`. Here a
+reader task feeds it what the socket receives and wakes the task waiting on each
+completed request; requesting tasks send under one lock. A task cancelled while
+its request is in flight abandons it: when the answer comes, its buffers are
+closed and released (the core says so, and the reader sends the RELEASE).
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import cast, overload
+from typing import Any, Generic, TypeVar
 
 import trio
 
 from primed import fdpass
 from primed.client.blocking import _default_name
 from primed.client.buffer import Buffer
-from primed.client.connection import (
+from primed.client.core import (
+    Call,
     ClientConnection,
     Offer,
-    Result,
+    Page,
     ServerInfo,
     buffer_ids,
     socket_path,
-    unwrap,
 )
-from primed.errors import ConnectionLost, PrimedError
-from primed.wire.schema import MAX_MESSAGE
+from primed.errors import ConnectionLost
+from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
+
+T = TypeVar("T")
+E = TypeVar("E", ClientEntry, BufferEntry)
 
 
-class _Waiter:
-    __slots__ = ("done", "result")
+class AsyncPending(Generic[T]):
+    """A request sent but not yet answered (see :meth:`AsyncClient.start_allocate`)."""
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: Result | BaseException | None = None
+    __slots__ = ("_call", "_client", "_done")
+
+    def __init__(self, client: AsyncClient, call: Call[T], done: trio.Event):
+        self._client = client
+        self._call = call
+        self._done = done
+
+    @property
+    def serial(self) -> int:
+        """The request's serial."""
+        return self._call.serial
+
+    async def wait(self) -> T:
+        """Wait for the answer; return its result or raise its error.
+
+        If the waiting task is cancelled, the request is abandoned: buffers it
+        brings are closed and released when they come.
+        """
+        return await self._client._wait(self._call, self._done)
 
 
 class AsyncClient:
-    """A connection to the daemon. Use ``async with primed.connect_async() as client``."""
+    """A connection to the daemon. Use ``async with primed.connect_async() as client``.
+
+    Each method sends one request and waits for its answer; tasks may call them
+    at once. The ``start_*`` methods send a request and return an
+    :class:`AsyncPending` to wait on later.
+    """
 
     def __init__(self, sock: trio.socket.SocketType, name: str):
         self._sock = sock
-        self._conn = ClientConnection(name)
+        self._core = ClientConnection(name)
         self._send_lock = trio.Lock()
-        self._waiting: dict[int, _Waiter] = {}
-        self._abandoned: set[int] = set()
-        self._broken: BaseException | None = None
+        self._events: dict[int, trio.Event] = {}  # by serial, for calls in flight
+        self._nursery: trio.Nursery | None = None  # where the reader runs
         self.info: ServerInfo
 
-    async def _call(self, serial: int, data: bytes) -> Result:
-        if self._broken is not None:
-            raise ConnectionLost(f"connection lost: {self._broken}")
-        waiter = self._waiting[serial] = _Waiter()
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._sock.sendmsg([data])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the reader hears why the daemon closed, and wakes everyone
+
+    async def _start(self, call: Call[T]) -> AsyncPending[T]:
+        done = self._events[call.serial] = trio.Event()
+        sent = False
         try:
             async with self._send_lock:
-                try:
-                    await self._sock.sendmsg([data])
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the reader hears why the daemon closed, and wakes us
-            await waiter.done.wait()
+                await self._send(call.data)
+                sent = True
+        finally:
+            if not sent:  # cancelled before it went out: no answer will come
+                del self._events[call.serial]
+                self._core.withdraw(call)
+        # Not AsyncPending[T](...): that form costs microseconds on every request.
+        return AsyncPending(self, call, done)
+
+    async def _wait(self, call: Call[T], done: trio.Event) -> T:
+        try:
+            await done.wait()
         except BaseException:
-            if self._waiting.pop(serial, None) is not None:
-                self._abandoned.add(serial)
+            self._core.abandon(call)
+            # If the answer had come already, its RELEASE is queued now: send it.
+            if self._nursery is not None:
+                self._nursery.start_soon(self._flush)
             raise
-        if isinstance(waiter.result, BaseException) and not isinstance(waiter.result, PrimedError):
-            raise ConnectionLost(f"connection lost: {waiter.result}") from waiter.result
-        return unwrap(cast(Result, waiter.result))
+        return self._core.take(call)
+
+    async def _call(self, call: Call[T]) -> T:
+        pending = await self._start(call)
+        return await self._wait(call, pending._done)
+
+    def _wake(self, calls: list[Call[Any]]) -> None:
+        for call in calls:
+            done = self._events.pop(call.serial, None)
+            if done is not None:
+                done.set()
 
     async def _read(self) -> None:
+        core = self._core
         try:
-            while True:
-                data, ancdata, msg_flags, _ = await self._sock.recvmsg(
-                    MAX_MESSAGE, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS
-                )
-                fds = fdpass.take_fds(ancdata, msg_flags)
-                if not data and not fds:
-                    raise ConnectionLost("the daemon closed the connection")
-                done = self._conn.receive(data, fds)
-                if done is None:
-                    continue
-                serial, result = done
-                waiter = self._waiting.pop(serial, None)
-                if waiter is not None:
-                    waiter.result = result
-                    waiter.done.set()
-                elif serial in self._abandoned:
-                    self._abandoned.discard(serial)
-                    if isinstance(result, list):
-                        await self._give_back(result)
-                elif serial == 0 and isinstance(result, PrimedError):
-                    raise result
-        except (OSError, PrimedError) as e:
-            self._fail_all(e)
+            while core.broken is None:
+                try:
+                    data, fds = await fdpass.recv_async(self._sock)
+                except fdpass.Truncated as e:
+                    self._wake(core.truncated(e))
+                except OSError as e:
+                    self._wake(core.fail(ConnectionLost(f"the daemon closed the connection: {e}")))
+                else:
+                    self._wake(core.receive(data, fds))
+                await self._flush()
         finally:
-            self._conn.abandon()
+            self._wake_all()  # the core failed every call in flight, or _close() will
 
-    async def _give_back(self, buffers: list[Buffer]) -> None:
-        for buffer in buffers:
-            buffer.close()
-        serial, data = self._conn.release(buffer_ids(buffers))
-        self._abandoned.add(serial)  # its reply is nobody's
-        async with self._send_lock:
-            await self._sock.sendmsg([data])
+    def _wake_all(self) -> None:
+        for done in self._events.values():
+            done.set()
+        self._events.clear()
 
-    def _fail_all(self, error: BaseException) -> None:
-        self._broken = error
-        for waiter in self._waiting.values():
-            waiter.result = error
-            waiter.done.set()
-        self._waiting.clear()
+    def _close(self) -> None:
+        self._nursery = None
+        self._core.close()
+        self._wake_all()
 
-    @overload
-    async def allocate(self, width: int, height: int, format: str | int = ...) -> Buffer: ...
-    @overload
-    async def allocate(
-        self, width: int, height: int, format: str | int = ..., *, count: int
-    ) -> list[Buffer]: ...
+    async def _flush(self) -> None:
+        outgoing = self._core.data_to_send()
+        if outgoing:
+            async with self._send_lock:
+                for datagram in outgoing:
+                    await self._send(datagram)
 
-    async def allocate(
-        self, width: int, height: int, format: str | int = "XR24", *, count: int | None = None
-    ) -> Buffer | list[Buffer]:
+    # --- requests ---------------------------------------------------------------------------
+
+    async def start_allocate(
+        self, width: int, height: int, format: str | int = "XR24"
+    ) -> AsyncPending[Buffer]:
+        """Send an ALLOCATE; ``await pending.wait()`` later gives what allocate() would."""
+        return await self._start(self._core.allocate(width, height, format))
+
+    async def start_allocate_many(
+        self, width: int, height: int, format: str | int, count: int
+    ) -> AsyncPending[list[Buffer]]:
+        """Send an ALLOCATE of ``count``; ``await pending.wait()`` later gives the list."""
+        return await self._start(self._core.allocate_many(width, height, format, count))
+
+    async def start_release(self, *buffers: Buffer | int) -> AsyncPending[int]:
+        """Send a RELEASE; ``await pending.wait()`` later gives the count released.
+
+        Buffers' fds are not closed: close them yourself.
+        """
+        return await self._start(self._core.release(buffer_ids(buffers)))
+
+    async def allocate(self, width: int, height: int, format: str | int = "XR24") -> Buffer:
         """As :meth:`primed.Client.allocate`."""
-        buffers = cast(
-            list[Buffer],
-            await self._call(
-                *self._conn.allocate(width, height, format, 1 if count is None else count)
-            ),
-        )
-        return buffers if count is not None else buffers[0]
+        return await self._call(self._core.allocate(width, height, format))
+
+    async def allocate_many(
+        self, width: int, height: int, format: str | int, count: int
+    ) -> list[Buffer]:
+        """As :meth:`primed.Client.allocate_many`."""
+        return await self._call(self._core.allocate_many(width, height, format, count))
 
     async def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """As :meth:`primed.Client.release`."""
-        count = cast(int, await self._call(*self._conn.release(buffer_ids(buffers))))
+        count = await self._call(self._core.release(buffer_ids(buffers)))
         if close:
             for b in buffers:
                 if isinstance(b, Buffer):
@@ -145,26 +194,55 @@ class AsyncClient:
     ) -> str:
         """As :meth:`primed.Client.share`."""
         ident = buffer.id if isinstance(buffer, Buffer) else buffer
-        return cast(str, await self._call(*self._conn.share(ident, once, uids or ())))
+        return await self._call(self._core.share(ident, once, uids or ()))
 
     async def open_shared(self, token: str | bytes) -> Buffer:
         """As :meth:`primed.Client.open_shared`."""
-        return cast(list[Buffer], await self._call(*self._conn.open_shared(token)))[0]
+        return await self._call(self._core.open_shared(token))
 
     async def revoke(self, token: str | bytes) -> None:
         """As :meth:`primed.Client.revoke`."""
-        await self._call(*self._conn.revoke(token))
+        await self._call(self._core.revoke(token))
 
     async def query(self) -> Offer:
         """As :meth:`primed.Client.query`."""
-        return cast(Offer, await self._call(*self._conn.query()))
+        return await self._call(self._core.query())
+
+    async def clients(self) -> list[ClientEntry]:
+        """As :meth:`primed.Client.clients`."""
+        return await self._pages(self._core.list_clients)
+
+    async def buffers(self) -> list[BufferEntry]:
+        """As :meth:`primed.Client.buffers`."""
+        return await self._pages(self._core.list_buffers)
+
+    async def _pages(self, ask: Callable[[int], Call[Page[E]]]) -> list[E]:
+        entries: list[E] = []
+        page = await self._call(ask(0))
+        entries += page.entries
+        while page.next:
+            page = await self._call(ask(page.next))
+            entries += page.entries
+        return entries
+
+    async def stats(self) -> Statistics:
+        """As :meth:`primed.Client.stats`."""
+        return await self._call(self._core.stats())
+
+    async def open_buffer(self, client: int, ident: int) -> Buffer:
+        """As :meth:`primed.Client.open_buffer`."""
+        return await self._call(self._core.open_buffer(client, ident))
 
 
 @asynccontextmanager
 async def connect_async(
     path: str | None = None, *, name: str | None = None
 ) -> AsyncIterator[AsyncClient]:
-    """Connect to the daemon (as :func:`primed.connect`) for the length of an ``async with``."""
+    """Connect to the daemon (as :func:`primed.connect`) for the length of an ``async with``.
+
+    On leaving the block the connection closes: the daemon frees every buffer
+    the client still owned, and buffers of answers never waited for are closed.
+    """
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with sock:
         where = socket_path(path)
@@ -175,11 +253,13 @@ async def connect_async(
         client = AsyncClient(sock, _default_name() if name is None else name)
         try:
             async with trio.open_nursery() as nursery:
+                client._nursery = nursery
                 nursery.start_soon(client._read)
                 try:
-                    client.info = cast(ServerInfo, await client._call(*client._conn.hello()))
+                    client.info = await client._call(client._core.hello())
                     yield client
                 finally:
+                    client._nursery = None
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The reader task never raises, so a lone exception is the caller's own
@@ -187,3 +267,5 @@ async def connect_async(
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+        finally:
+            client._close()

@@ -202,7 +202,7 @@ def test_reload_keeps_clients_and_applies_the_new_file(spawn: StartDaemon, sock_
             "[limits]\nmax_width = 200\nmax_height = 999\n[quotas]\nbuffers_per_client = 3\n",
         )
         reload(daemon, "reloaded; 1 client(s) stay connected")
-        wider = client.allocate(200, 50, count=2)  # the same connection, under the new rules
+        wider = client.allocate_many(200, 50, "XR24", 2)  # the same connection, under the new rules
         with pytest.raises(primed.ServerError, match="quota: 3 buffers per client; 3 held"):
             client.allocate(1, 1)
         with primed.connect(daemon.socket) as newcomer:
@@ -216,7 +216,7 @@ def test_reload_keeps_clients_and_applies_the_new_file(spawn: StartDaemon, sock_
             client.allocate(300, 1)  # the old limit holds
         assert wide.value.code == ErrorCode.LIMIT_EXCEEDED
         client.release(held, *wider)
-        client.release(*client.allocate(200, 50, count=3))
+        client.release(*client.allocate_many(200, 50, "XR24", 3))
 
         os.unlink(path)
         reload(daemon, "reload refused, the running configuration stays")
@@ -224,5 +224,5 @@ def test_reload_keeps_clients_and_applies_the_new_file(spawn: StartDaemon, sock_
         write(sock_dir, 'device = "/dev/dri/card9"\n')
         reload(daemon, "reloaded; 1 client(s) stay connected")
         assert "reload: device changed; that takes a restart" in daemon.log()
-        client.release(*client.allocate(1, 1, count=10))  # the quota went with its key
+        client.release(*client.allocate_many(1, 1, "XR24", 10))  # the quota went with its key
     assert can_connect(daemon.socket)

@@ -162,12 +162,12 @@ def test_allocate_one(client: primed.Client) -> None:
 
 
 def test_allocate_three(client: primed.Client) -> None:
-    bufs = client.allocate(64, 64, "NV12", count=3)
+    bufs = client.allocate_many(64, 64, "NV12", 3)
     assert [b.id for b in bufs] == [1, 2, 3]
     assert len({os.fstat(b.fd).st_ino for b in bufs}) == 3, "three buffers, three memfds"
     assert client.release(*bufs) == 3
     assert all(b.closed for b in bufs)
-    assert [b.id for b in client.allocate(64, 64, "NV12", count=2)] == [4, 5]
+    assert [b.id for b in client.allocate_many(64, 64, "NV12", 2)] == [4, 5]
 
 
 def test_allocate_600_arrives_in_parts(shared: Daemon) -> None:
@@ -195,7 +195,7 @@ def test_allocate_600_arrives_in_parts(shared: Daemon) -> None:
 
 
 def test_allocate_600_with_the_client(client: primed.Client) -> None:
-    bufs = client.allocate(16, 16, "XR24", count=600)
+    bufs = client.allocate_many(16, 16, "XR24", 600)
     try:
         assert [b.id for b in bufs] == list(range(1, 601))
         assert len({os.fstat(b.fd).st_ino for b in bufs}) == 600
@@ -311,7 +311,7 @@ def test_release_keeps_fds_and_mappings_valid(client: primed.Client) -> None:
 
 @pytest.mark.parametrize("bad", [[999], [1, 999], [1, 1], [0]], ids=str)
 def test_release_of_unknown_ids_releases_nothing(client: primed.Client, bad: list[int]) -> None:
-    bufs = client.allocate(16, 16, "XR24", count=2)
+    bufs = client.allocate_many(16, 16, "XR24", 2)
     assert [b.id for b in bufs] == [1, 2]
     with pytest.raises(primed.ServerError) as refused:
         client.release(*bad)
@@ -356,7 +356,7 @@ def test_request_errors(
     client: primed.Client, width: int, height: int, fourcc: int, count: int, code: ErrorCode
 ) -> None:
     with pytest.raises(primed.ServerError) as refused:
-        client.allocate(width, height, fourcc, count=count)
+        client.allocate_many(width, height, fourcc, count)
     assert refused.value.code == code
     assert refused.value.errno == 0
     assert refused.value.text
@@ -385,10 +385,10 @@ def test_configured_limits(spawn: StartDaemon) -> None:
     with primed.connect(daemon.socket) as client:
         assert client.info.limits == formats.Limits(256, 128, 65536, 4)
         assert client.allocate(128, 128, "XR24").size == 65536
-        assert len(client.allocate(16, 16, "XR24", count=4)) == 4
+        assert len(client.allocate_many(16, 16, "XR24", 4)) == 4
         for width, height, count in ((257, 1, 1), (1, 129, 1), (129, 128, 1), (16, 16, 5)):
             with pytest.raises(primed.ServerError) as refused:
-                client.allocate(width, height, "XR24", count=count)
+                client.allocate_many(width, height, "XR24", count)
             assert refused.value.code == ErrorCode.LIMIT_EXCEEDED, (width, height, count)
         assert client.allocate(16, 16, "XR24").id == 6
 
@@ -404,7 +404,7 @@ def test_kernel_errno_travels_back_and_nothing_is_kept(spawn: StartDaemon) -> No
         failed = set()
         for count in range(1, 64):
             try:
-                bufs = client.allocate(16, 16, "XR24", count=count)
+                bufs = client.allocate_many(16, 16, "XR24", count)
             except primed.ServerError as e:
                 assert (e.code, e.errno) == (ErrorCode.KERNEL, errno.EMFILE), e
                 failed.add(e.text.partition(":")[0])
@@ -605,7 +605,7 @@ KEEP_BUFFERS = """
 import sys
 import primed
 client = primed.connect(sys.argv[1])
-buffers = client.allocate(64, 64, "XR24", count=int(sys.argv[2]))
+buffers = client.allocate_many(64, 64, "XR24", int(sys.argv[2]))
 print(len(buffers), flush=True)
 if sys.argv[3] == "wait":
     sys.stdin.read()
@@ -645,7 +645,7 @@ def test_fds_released_buffers(quiet: tuple[Daemon, int]) -> None:
     daemon, baseline = quiet
     wait_for_fds(daemon.pid, baseline)
     with primed.connect(daemon.socket) as client:
-        bufs = client.allocate(64, 64, "XR24", count=HELD)
+        bufs = client.allocate_many(64, 64, "XR24", HELD)
         # One memfd per buffer and the connection: the exported copies are closed.
         wait_for_fds(daemon.pid, baseline + 1 + HELD)
         client.release(*bufs)
@@ -657,7 +657,7 @@ def test_fds_disconnect_without_release(quiet: tuple[Daemon, int]) -> None:
     daemon, baseline = quiet
     wait_for_fds(daemon.pid, baseline)
     client = primed.connect(daemon.socket)
-    bufs = client.allocate(64, 64, "XR24", count=HELD)
+    bufs = client.allocate_many(64, 64, "XR24", HELD)
     wait_for_fds(daemon.pid, baseline + 1 + HELD)
     client.close()
     wait_for_fds(daemon.pid, baseline)
@@ -722,7 +722,7 @@ async def test_trio_cancelled_allocate_gives_its_buffers_back(quiet: tuple[Daemo
 
             async def allocate(scope: trio.CancelScope = scope, got: list[Buffer] = got) -> None:
                 with scope:
-                    got.extend(await client.allocate(16, 16, "XR24", count=HELD))
+                    got.extend(await client.allocate_many(16, 16, "XR24", HELD))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(allocate)
@@ -757,7 +757,7 @@ async def test_trio_tasks_share_one_connection(shared: Daemon) -> None:
                 buf = await client.allocate(width, height, "XR24")
                 assert (buf.width, buf.height) == (width, height)
                 mine.append(buf)
-            group = await client.allocate(32, 32, "NV12", count=n + 1)
+            group = await client.allocate_many(32, 32, "NV12", n + 1)
             assert len(group) == n + 1 and all(b.format == "NV12" for b in group)
             mine += group
             held[n] = mine
@@ -845,7 +845,7 @@ def test_signal_stops_the_daemon_with_clients_connected(
     ):
         assert other.stdout is not None
         assert other.stdout.readline().strip() == "3"
-        bufs = holder.allocate(32, 32, "XR24", count=3)
+        bufs = holder.allocate_many(32, 32, "XR24", 3)
         log = daemon.stop(signum)  # exit 0, socket removed
         assert f"{signum.name}: stopping" in log
         assert silent.at_eof()

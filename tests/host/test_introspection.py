@@ -100,7 +100,7 @@ def test_root_lists_everyone_others_only_themselves(open_daemon: Daemon) -> None
     assert os.getuid() == 0, "this test needs root, to run a client as another uid"
     with primed.connect(open_daemon.socket, name="first") as first:
         (me,) = first.clients()  # root sees everyone; right now that is just us
-        bufs = first.allocate(32, 16, "NV12", count=2)
+        bufs = first.allocate_many(32, 16, "NV12", 2)
         first.share(bufs[1])
         first.share(bufs[1])
         seen = run_as_nobody(open_daemon)
@@ -127,8 +127,8 @@ def test_root_lists_everyone_others_only_themselves(open_daemon: Daemon) -> None
 
 def test_listing_pages_through_many_buffers(shared: Daemon) -> None:
     with primed.connect(shared.socket) as client:
-        client.allocate(16, 16, count=1024)
-        client.allocate(16, 16, count=1024)
+        client.allocate_many(16, 16, "XR24", 1024)
+        client.allocate_many(16, 16, "XR24", 1024)
         mine = [b for b in client.buffers() if b.id <= 2048]
         # More than one page (1000 entries), every buffer exactly once.
         assert sorted(b.id for b in mine if b.client == mine[0].client)[-2048:] == list(
@@ -139,7 +139,7 @@ def test_listing_pages_through_many_buffers(shared: Daemon) -> None:
 def test_stats_count_requests_errors_and_events(spawn: StartDaemon) -> None:
     daemon = spawn()
     with primed.connect(daemon.socket) as client:
-        client.allocate(16, 16, count=3)
+        client.allocate_many(16, 16, "XR24", 3)
         for _ in range(2):
             with pytest.raises(primed.ServerError):
                 client.release(77)

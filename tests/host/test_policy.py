@@ -152,24 +152,24 @@ def test_quota_per_client_is_freed_by_release(spawn: StartDaemon, sock_dir: Path
     daemon = spawn("--config", configure(sock_dir, "[quotas]\nbuffers_per_client = 2\n"))
     with primed.connect(daemon.socket) as client:
         with pytest.raises(primed.ServerError) as over:
-            client.allocate(16, 16, count=3)  # refused whole: nothing is made
+            client.allocate_many(16, 16, "XR24", 3)  # refused whole: nothing is made
         assert over.value.code == ErrorCode.QUOTA_EXCEEDED
         assert over.value.text.startswith("quota: 2 buffers per client; 0 held, 3 more asked")
-        first, second = client.allocate(16, 16, count=2)
+        first, second = client.allocate_many(16, 16, "XR24", 2)
         with pytest.raises(primed.ServerError, match="quota: 2 buffers per client; 2 held"):
             client.allocate(16, 16)
         client.release(first)
         third = client.allocate(16, 16)
         client.release(second, third)
-        client.release(*client.allocate(16, 16, count=2))
+        client.release(*client.allocate_many(16, 16, "XR24", 2))
     with primed.connect(daemon.socket) as other:  # every client has its own
-        other.release(*other.allocate(16, 16, count=2))
+        other.release(*other.allocate_many(16, 16, "XR24", 2))
 
 
 def test_quota_of_bytes_counts_the_sizes_made(spawn: StartDaemon, sock_dir: Path) -> None:
     daemon = spawn("--config", configure(sock_dir, "[quotas]\nbytes_per_client = 40000\n"))
     with primed.connect(daemon.socket) as client:
-        buffers = client.allocate(64, 64, "XR24", count=2)
+        buffers = client.allocate_many(64, 64, "XR24", 2)
         assert sum(b.size for b in buffers) == 32768
         with pytest.raises(primed.ServerError) as over:
             client.allocate(64, 64, "XR24")
@@ -184,7 +184,7 @@ def test_quota_per_uid_is_freed_by_disconnect(spawn: StartDaemon, sock_dir: Path
     daemon = spawn("--config", configure(sock_dir, "[quotas]\nbuffers_per_uid = 3\n"))
     with primed.connect(daemon.socket) as second:
         with primed.connect(daemon.socket) as first:
-            for buffer in first.allocate(16, 16, count=2):
+            for buffer in first.allocate_many(16, 16, "XR24", 2):
                 buffer.close()
             second.allocate(16, 16).close()
             with pytest.raises(primed.ServerError) as over:
@@ -192,7 +192,7 @@ def test_quota_per_uid_is_freed_by_disconnect(spawn: StartDaemon, sock_dir: Path
             assert over.value.code == ErrorCode.QUOTA_EXCEEDED
             assert over.value.text.startswith(f"quota: 3 buffers per uid ({os.getuid()}); 3 held")
         wait_for(lambda: "disconnected; freed 2 buffer(s)" in daemon.log(), "the disconnect")
-        for buffer in second.allocate(16, 16, count=2):
+        for buffer in second.allocate_many(16, 16, "XR24", 2):
             buffer.close()
 
 
@@ -203,7 +203,7 @@ def test_admin_group_passes_and_has_no_quota(spawn: StartDaemon, sock_dir: Path)
     )
     daemon = spawn("--config", configure(sock_dir, text))
     with primed.connect(daemon.socket) as client:
-        for buffer in client.allocate(16, 16, count=5):
+        for buffer in client.allocate_many(16, 16, "XR24", 5):
             buffer.close()
 
 
@@ -216,6 +216,6 @@ def test_limit_errors_name_the_limit(spawn: StartDaemon, sock_dir: Path) -> None
         assert wide.value.code == ErrorCode.LIMIT_EXCEEDED
         assert "exceeds the limit of 100x16384" in wide.value.text
         with pytest.raises(primed.ServerError) as many:
-            client.allocate(1, 1, count=3)
+            client.allocate_many(1, 1, "XR24", 3)
         assert many.value.code == ErrorCode.LIMIT_EXCEEDED
         assert many.value.text == "count 3 is not within 1..2"

@@ -40,15 +40,15 @@ def _child(path: str, stage: str, ready: int, seed: int) -> None:
     if stage == "mid-request":
         os.write(ready, b"r")
         while True:
-            bufs = client.allocate(32, 32, "XR24", count=rng.randrange(1, 4))
+            bufs = client.allocate_many(32, 32, "XR24", rng.randrange(1, 4))
             client.share(bufs[0])
             client.release(*bufs)
     if stage == "replies unread":
         for _ in range(rng.randrange(1, 30)):
-            client.start_allocate(16, 16, "XR24", count=rng.randrange(1, 5))
+            client.start_allocate_many(16, 16, "XR24", rng.randrange(1, 5))
         os.write(ready, b"r")
     if stage == "holding mappings":
-        bufs = client.allocate(64, 64, "XR24", count=rng.randrange(1, 6))
+        bufs = client.allocate_many(64, 64, "XR24", rng.randrange(1, 6))
         views = [b.map().__enter__() for b in bufs]
         for view in views:
             view[:4] = b"\xff\x00\xff\x00"
@@ -104,7 +104,7 @@ def test_clients_killed_at_random_points(spawn: StartDaemon) -> None:
 def test_daemon_killed_while_clients_hold_buffers(spawn: StartDaemon) -> None:
     daemon = spawn(name="a.sock")
     client = primed.connect(daemon.socket)
-    bufs = client.allocate(128, 64, "XR24", count=4)
+    bufs = client.allocate_many(128, 64, "XR24", 4)
     views = []
     for i, buf in enumerate(bufs):
         view = buf.map().__enter__()
@@ -191,7 +191,7 @@ def _truncated_child(path: str, report: int, disconnect: bool) -> None:
         os.close(fd)
     before = len(os.listdir("/proc/self/fd"))
     try:
-        client.allocate(16, 16, "XR24", count=20)
+        client.allocate_many(16, 16, "XR24", 20)
         os.write(report, b"no error")
         return
     except fdpass.Truncated as e:
@@ -344,7 +344,7 @@ def test_sigterm_with_requests_in_flight(spawn: StartDaemon) -> None:
         with client:
             try:
                 while True:
-                    bufs = client.allocate(32, 32, "XR24", count=300)
+                    bufs = client.allocate_many(32, 32, "XR24", 300)
                     assert len(bufs) == 300
                     for b in bufs:
                         b.close()

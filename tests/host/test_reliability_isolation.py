@@ -97,7 +97,7 @@ probes = json.loads(sys.argv[2])
 pairs = json.loads(sys.argv[3])
 seen = {"release": {}, "share": {}, "open_buffer": [], "open_shared": []}
 with primed.connect(sys.argv[1], name="prober") as client:
-    mine = client.allocate(16, 16, "XR24", count=2)
+    mine = client.allocate_many(16, 16, "XR24", 2)
     assert [b.id for b in mine] == [1, 2], [b.id for b in mine]
     for ident in probes:
         for what, call in (("release", client.release), ("share", client.share)):
@@ -125,7 +125,7 @@ print(json.dumps(seen))
 
 def test_ids_are_per_client_and_a_guess_tells_nothing(open_daemon: Daemon) -> None:
     owner = primed.connect(open_daemon.socket, name="owner")
-    bufs = owner.allocate(32, 32, "XR24", count=IDS)
+    bufs = owner.allocate_many(32, 32, "XR24", IDS)
     patterns = [paint(b, n) for n, b in enumerate(bufs)]
     for b in bufs[::4]:
         owner.share(b)
@@ -140,7 +140,7 @@ def test_ids_are_per_client_and_a_guess_tells_nothing(open_daemon: Daemon) -> No
     # Another client of the same uid: the same answer, whether the id exists or not.
     timing: dict[bool, list[float]] = {True: [], False: []}
     with primed.connect(open_daemon.socket, name="same uid") as other:
-        assert [b.id for b in other.allocate(16, 16, "XR24", count=2)] == [1, 2]
+        assert [b.id for b in other.allocate_many(16, 16, "XR24", 2)] == [1, 2]
         for ident in probes:
             for call in (other.release, other.share):
                 started = time.perf_counter()
@@ -456,7 +456,7 @@ def test_fresh_buffers_are_always_zeroed(open_daemon: Daemon) -> None:
     while checked < FRESH:
         n = rng.randrange(len(clients))
         width, height, code = rng.choice(SIZES)
-        for buf in clients[n].allocate(width, height, code, count=rng.randrange(1, 4)):
+        for buf in clients[n].allocate_many(width, height, code, rng.randrange(1, 4)):
             inode = os.fstat(buf.fd).st_ino
             assert inode not in inodes, "a buffer came back"
             inodes.add(inode)

@@ -148,7 +148,7 @@ def test_tokens_are_freed_with_their_buffers(spawn: StartDaemon) -> None:
     daemon = spawn()
     with primed.connect(daemon.socket) as client:
         before = count_fds(daemon.pid)
-        bufs = client.allocate(16, 16, count=10)
+        bufs = client.allocate_many(16, 16, "XR24", 10)
         tokens = [client.share(b) for b in bufs for _ in range(3)]
         client.release(*bufs)
         assert count_fds(daemon.pid) == before
@@ -167,7 +167,7 @@ def test_query_describes_the_offer_and_our_use(spawn: StartDaemon) -> None:
         table = {f.fourcc: (f.cpp, f.hsub, f.vsub) for f in formats.FORMATS.values()}
         assert {f.fourcc: (f.cpp, f.hsub, f.vsub) for f in offer.formats} == table
         assert (offer.used_buffers, offer.used_bytes) == (0, 0)
-        bufs = client.allocate(64, 64, count=3)
+        bufs = client.allocate_many(64, 64, "XR24", 3)
         offer = client.query()
         assert (offer.used_buffers, offer.used_bytes) == (3, sum(b.size for b in bufs))
         # What another client opened is not charged to it.
@@ -177,7 +177,7 @@ def test_query_describes_the_offer_and_our_use(spawn: StartDaemon) -> None:
 
 
 def test_blocking_client_pipelines(client: primed.Client) -> None:
-    pending = [client.start_allocate(16 * (i + 1), 16, count=2) for i in range(20)]
+    pending = [client.start_allocate_many(16 * (i + 1), 16, "XR24", 2) for i in range(20)]
     single = client.start_allocate(8, 8)
     got = [p.wait() for p in reversed(pending)]  # answers arrive in order, are taken in any
     assert [bufs[0].width for bufs in got] == [16 * (i + 1) for i in reversed(range(20))]

@@ -288,7 +288,7 @@ def test_status_follows_clients(sock_dir: Path, notify: Notifications) -> None:
     try:
         notify.expect("READY")
         with primed.connect(daemon.socket) as client:
-            held = client.allocate(512, 512, "XR24", count=2)
+            held = client.allocate_many(512, 512, "XR24", 2)
             wanted = "1 client(s), 2 buffer(s), 2.0 MiB"
             deadline = time.monotonic() + 10
             while not notify.expect("STATUS")["STATUS"].endswith(wanted):
@@ -343,7 +343,7 @@ def test_serves_without_writable_executable_memory(sock_dir: Path) -> None:
             assert process.poll() is None, "primed exited before it served"
             with primed.connect(str(path)) as client:
                 for fmt in ("XR24", "NV12", "P010"):
-                    client.release(*client.allocate(64, 64, fmt, count=3))
+                    client.release(*client.allocate_many(64, 64, fmt, 3))
             process.send_signal(signal.SIGHUP)
             process.send_signal(signal.SIGTERM)
             code = process.wait(10)

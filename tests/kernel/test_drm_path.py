@@ -221,7 +221,7 @@ def test_vgem_memory_returns_after_cleanup(
     try:
         baseline = shmem_kib()
         client = primed.connect(running.socket)
-        bufs = client.allocate(2048, 2048, "XR24", count=4)  # 64 MiB
+        bufs = client.allocate_many(2048, 2048, "XR24", 4)  # 64 MiB
         for buf in bufs:
             with buf.map() as pixels:
                 pixels[::4096] = b"\x01" * len(pixels[::4096])  # touch every page
@@ -253,11 +253,11 @@ def test_kernel_errno_travels_back(tmp_path: Path, nodes: dict[str, Nodes], driv
     try:
         with primed.connect(running.socket) as client:
             with pytest.raises(primed.ServerError) as failed:
-                client.allocate(64, 64, "XR24", count=40)
+                client.allocate_many(64, 64, "XR24", 40)
             assert failed.value.code == primed.ErrorCode.KERNEL
             assert failed.value.errno == errno.EMFILE
             # Nothing was kept: the same client can still allocate a few.
-            assert len(client.allocate(64, 64, "XR24", count=4)) == 4
+            assert len(client.allocate_many(64, 64, "XR24", 4)) == 4
     finally:
         running.stop()
 

@@ -166,7 +166,7 @@ def test_framebuffers_go_before_their_handle(daemon: Daemon, nodes: dict[str, No
     # No master needed: ADDFB2 and RMFB are for any opener of a card node.
     # GETRESOURCES lists the framebuffers of the calling fd only.
     with primed.connect(daemon.socket) as client:
-        buf, other = client.allocate(64, 64, "XR24", count=2)
+        buf, other = client.allocate_many(64, 64, "XR24", 2)
         with primed.Device(nodes["virtio_gpu"].card) as card:
             first, second = card.import_buffer(buf), card.import_buffer(buf.fd)
             fb = card.add_framebuffer(first)

@@ -52,7 +52,7 @@ def test_fresh_buffers_are_always_zeroed(daemon: Daemon, driver: str) -> None:
     while checked < FRESH:
         n = rng.randrange(len(clients))
         width, height = rng.choice(((64, 64), (256, 256), (320, 240)))
-        for buf in clients[n].allocate(width, height, "XR24", count=rng.randrange(1, 3)):
+        for buf in clients[n].allocate_many(width, height, "XR24", rng.randrange(1, 3)):
             with buf.map() as pixels:
                 assert not any(pixels), f"{driver}: buffer {checked} is not zeroed"
                 pixels[:] = bytes([rng.randrange(1, 256)]) * len(pixels)
@@ -167,7 +167,7 @@ def _doomed(path: str, render: str, stage: str, seed: int, ready: int) -> None:
     if stage == "mid-request":
         os.write(ready, b"r")
         while True:
-            bufs = client.allocate(512, 512, "XR24", count=rng.randrange(1, 3))
+            bufs = client.allocate_many(512, 512, "XR24", rng.randrange(1, 3))
             imported = [device.import_buffer(b) for b in bufs]
             with bufs[0].map() as pixels:
                 pixels[::4096] = b"\x02" * len(pixels[::4096])
@@ -175,7 +175,7 @@ def _doomed(path: str, render: str, stage: str, seed: int, ready: int) -> None:
             for handle in imported:
                 handle.close()
             client.release(*bufs)
-    bufs = client.allocate(512, 512, "XR24", count=rng.randrange(1, 4))  # 1 MiB each
+    bufs = client.allocate_many(512, 512, "XR24", rng.randrange(1, 4))  # 1 MiB each
     views = []
     for buf in bufs:
         view = buf.map().__enter__()
@@ -303,7 +303,7 @@ def test_daemon_killed_while_clients_hold_buffers(
 ) -> None:
     running = serve(tmp_path / "doomed.sock", "--device", nodes[driver].card)
     client = primed.connect(running.socket)
-    bufs = client.allocate(256, 128, "XR24", count=4)
+    bufs = client.allocate_many(256, 128, "XR24", 4)
     patterns = [random.Random(n).randbytes(b.size) for n, b in enumerate(bufs)]
     views = []
     with primed.Device(nodes[driver].render) as device:

@@ -1,0 +1,617 @@
+"""The daemon's core: every protocol rule, and no I/O.
+
+Theory of operation. The core owns the sessions, their buffers, the share
+tokens, the quota ledger and the counters. It is driven by a transport
+(:mod:`primed.daemon.transport`) that moves datagrams and fds and keeps time;
+the core never sees a socket, never waits and never closes an fd. The only
+kernel calls it makes go through the injected backend (allocate, export, free).
+
+For each request the transport calls :meth:`Core.receive` (a datagram) or
+:meth:`Core.handle` (a decoded request) and gets an :data:`Outcome` back:
+
+- an :class:`Answer`: one reply with no fds, and whether to drop the client
+  after sending it (a malformed message, a request before HELLO, a refusal);
+- a :class:`Delivery`: replies that carry fds. The transport sends them part
+  by part: for each, it waits until the client has room, calls
+  :meth:`Delivery.export` (synchronous: the lookup and the export happen
+  there, after the transport's last await), sends the reply with the fds
+  export() listed, and closes those fds whatever happened. If the export or
+  the send fails with a KernelError or ETOOMANYREFS, it sends the Answer
+  :meth:`Delivery.failed` returns instead, and stops.
+
+Fd ownership. Every fd a backend exports is appended, the moment it exists,
+to a list the transport owns and closes in a ``finally``: the core holds no fd
+across a return. Allocations are the backend's until adopted by a session (an
+allocation not adopted is freed in a ``finally``), the session's until released
+or until the client goes (:meth:`Core.disconnect`).
+
+Errors are built in one place (:meth:`Core._error`), which counts them.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from primed import formats
+from primed.daemon.policy import Ledger, Peer, Policy, QuotaExceeded
+from primed.daemon.sessions import Session, Tokens
+from primed.errors import ErrorCode, KernelError, ProtocolError, RemoteProtocolError
+from primed.formats import LayoutError, Limits
+from primed.kernel.backends import Allocation, BufferSource
+from primed.wire import protocol
+from primed.wire.protocol import (
+    Allocate,
+    Allocated,
+    BufferEntry,
+    BufferInfo,
+    ClientEntry,
+    Error,
+    FormatInfo,
+    Hello,
+    List,
+    Listed,
+    OpenBuffer,
+    OpenShared,
+    Queried,
+    Query,
+    Release,
+    Released,
+    Reply,
+    Request,
+    Revoke,
+    Revoked,
+    Share,
+    Shared,
+    Statistics,
+    Stats,
+    Welcome,
+)
+from primed.wire.schema import MAX_FDS, VERSION
+
+log = logging.getLogger("primed")
+
+#: Most live share tokens one client may hold.
+MAX_TOKENS = 1024
+#: Entries in one LISTED page: each fits in one datagram with room to spare.
+LIST_PAGE_CLIENTS = 200
+LIST_PAGE_BUFFERS = 1000
+#: The one answer to every token that can't be opened or revoked, whatever the reason.
+NO_TOKEN = "no such token"
+#: What QUERY reports of the format table: it never changes while the daemon runs.
+_FORMATS = tuple(FormatInfo(f.fourcc, f.cpp, f.hsub, f.vsub) for f in formats.FORMATS.values())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """Send ``reply`` (no fds) with ``serial``; then end the connection if ``drop``."""
+
+    serial: int
+    reply: Reply
+    drop: bool = False
+
+
+class Delivery(abc.ABC):
+    """Replies carrying fds, for request ``serial``, to be sent part by part.
+
+    The contract the transport keeps: while :attr:`pending`, wait until the
+    client has room, then call :meth:`export` with no await in between, send
+    what it returns with the fds it appended, and close those fds right after
+    the send whatever happens. A buffer or token looked up in export() is thus
+    exported before anything else can run: nothing can revoke, use up or free
+    it (and the kernel reuse its handle or fd number) between the lookup and
+    the export.
+    """
+
+    def __init__(self, serial: int):
+        self.serial = serial
+
+    @property
+    @abc.abstractmethod
+    def pending(self) -> bool:
+        """Whether a part remains to be exported and sent."""
+
+    @abc.abstractmethod
+    def export(self, fds: list[int]) -> Reply:
+        """The next part's reply; each fd it carries is appended to ``fds`` as it is
+        exported (the caller's to close). May return an Error with no fds. Raises
+        KernelError if the backend could not export."""
+
+    @abc.abstractmethod
+    def failed(self, error: OSError) -> Answer:
+        """The whole request failed (export: KernelError; send: ETOOMANYREFS): undo
+        it and say so. Nothing is pending afterwards."""
+
+
+Outcome = Answer | Delivery
+
+
+def _info(ident: int, allocation: Allocation) -> BufferInfo:
+    return BufferInfo(
+        ident,
+        allocation.width,
+        allocation.height,
+        allocation.fourcc,
+        allocation.modifier,
+        allocation.size,
+        allocation.planes,
+    )
+
+
+def _tightest(*quotas: int) -> int:
+    """The smallest quota that is set (0 where none is)."""
+    return min((q for q in quotas if q), default=0)
+
+
+class Core:
+    """Sessions, buffers, tokens, quotas and counters; the handlers of every request."""
+
+    def __init__(
+        self, backend: BufferSource, limits: Limits | None = None, policy: Policy | None = None
+    ):
+        self.backend = backend
+        self.limits = limits or Limits()
+        self.policy = policy or Policy()
+        self.ledger = Ledger()
+        self.sessions: set[Session] = set()
+        self.tokens = Tokens()
+        self._numbers = itertools.count(1)
+        self.stats = {"requests": 0, "errors": 0, "bad_messages": 0, "refused": 0}
+        self.requests_by_opcode: collections.Counter[int] = collections.Counter()
+        self.errors_by_code: collections.Counter[int] = collections.Counter()
+        self.started = time.monotonic()
+        self._handlers: dict[type[Request], Callable[[Session, int, Any], Outcome]] = {
+            Allocate: self._allocate,
+            Release: self._release,
+            Share: self._share,
+            OpenShared: self._open_shared,
+            Revoke: self._revoke,
+            Query: self._query,
+            List: self._list,
+            Stats: self._stats,
+            OpenBuffer: self._open_buffer,
+        }
+
+    # --- the daemon as a whole -----------------------------------------------------------
+
+    @property
+    def live_buffers(self) -> int:
+        return sum(len(s.buffers) for s in self.sessions)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(s.account.own.bytes for s in self.sessions)
+
+    def summary(self) -> str:
+        """One line on what the daemon holds now."""
+        return (
+            f"{len(self.sessions)} client(s), {self.live_buffers} buffer(s), "
+            f"{self.held_bytes / (1 << 20):.1f} MiB"
+        )
+
+    def configure(self, limits: Limits, policy: Policy) -> None:
+        """New rules: connected clients stay, and meet them from their next request."""
+        self.limits, self.policy = limits, policy
+
+    # --- connections ---------------------------------------------------------------------
+
+    def refusal(self, peer: Peer) -> Answer | None:
+        """None if ``peer`` may connect; else the PERMISSION_DENIED to send before hanging up."""
+        why = self.policy.refusal(peer)
+        if why is None:
+            return None
+        self.stats["refused"] += 1
+        log.warning(
+            "refused a client (pid %d, uid %d, gid %d): %s", peer.pid, peer.uid, peer.gid, why
+        )
+        return self._error(0, ErrorCode.PERMISSION_DENIED, why, drop=True)
+
+    def connect(self, peer: Peer) -> Session:
+        """A new session for an admitted ``peer``."""
+        session = Session(next(self._numbers), peer.pid, peer.uid, peer.gid, self.ledger.open(peer))
+        self.sessions.add(session)
+        log.info("%s connected", session)
+        return session
+
+    def disconnect(self, session: Session) -> int:
+        """Forget ``session``, freeing its buffers and killing its tokens; returns how many."""
+        self.sessions.discard(session)
+        count = len(session.buffers)
+        for ident in list(session.buffers):
+            self._drop(session, ident)
+        self.ledger.close(session.account)
+        log.info("%s disconnected; freed %d buffer(s)", session, count)
+        return count
+
+    # --- requests ------------------------------------------------------------------------
+
+    def receive(self, session: Session, data: bytes, nfds: int) -> Outcome:
+        """What to do about one datagram that came with ``nfds`` fds (already closed:
+        no request carries any, but the header must count them)."""
+        try:
+            serial, request = protocol.decode(data, nfds, "request")
+        except protocol.UnknownOpcode as e:
+            self.stats["errors"] += 1
+            log.info("%s: %s", session, e)
+            return self._error(e.serial, e.code, str(e))
+        except RemoteProtocolError as e:
+            return self.bad_message(session, e)
+        return self.handle(session, serial, cast(Request, request))
+
+    def bad_message(self, session: Session, error: ProtocolError) -> Answer:
+        """The client sent something malformed: tell it why, then drop it."""
+        self.stats["bad_messages"] += 1
+        log.warning("%s sent a bad message, disconnecting: %s", session, error)
+        return self._error(error.serial, ErrorCode.BAD_MESSAGE, str(error), drop=True)
+
+    def handle(self, session: Session, serial: int, request: Request) -> Outcome:
+        """What to do about ``request`` (a decoded request) with id ``serial``."""
+        self.stats["requests"] += 1
+        self.requests_by_opcode[request.OPCODE] += 1
+        if isinstance(request, Hello):
+            return self._hello(session, serial, request)
+        if not session.version:
+            return self._fail(
+                session, serial, ErrorCode.BAD_STATE, "HELLO must come first", drop=True
+            )
+        handler = self._handlers.get(type(request))
+        if handler is None:  # a request type decode() knows but this core does not handle
+            return self._fail(session, serial, ErrorCode.UNKNOWN_OPCODE, repr(request))
+        return handler(session, serial, request)
+
+    # --- errors: built here only ---------------------------------------------------------
+
+    def _error(
+        self, serial: int, code: ErrorCode, text: str, err: int = 0, *, drop: bool = False
+    ) -> Answer:
+        self.errors_by_code[code] += 1
+        return Answer(serial, Error(code, err, text), drop)
+
+    def _fail(
+        self,
+        session: Session,
+        serial: int,
+        code: ErrorCode,
+        text: str,
+        err: int = 0,
+        *,
+        drop: bool = False,
+    ) -> Answer:
+        """A request refused: the Error to answer it with."""
+        self.stats["errors"] += 1
+        log.debug("%s: request %d failed: %s: %s", session, serial, code.name, text)
+        return self._error(serial, code, text, err, drop=drop)
+
+    def _kernel(self, session: Session, serial: int, e: OSError) -> Answer:
+        """ERROR KERNEL with the errno, for a request the kernel refused."""
+        return self._fail(session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0)
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def _hello(self, session: Session, serial: int, hello: Hello) -> Answer:
+        if session.version:
+            return self._fail(session, serial, ErrorCode.BAD_STATE, "HELLO was already sent")
+        version = min(hello.max_version, VERSION)
+        if version < max(hello.min_version, 1):
+            return self._fail(
+                session,
+                serial,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"client speaks {hello.min_version}..{hello.max_version}, server 1..{VERSION}",
+            )
+        session.version = version
+        session.name = hello.name
+        if hello.name:
+            log.info("client %d is %r", session.number, hello.name)
+        driver, limits = self.backend.driver, self.limits
+        welcome = Welcome(
+            version,
+            self.backend.kind,
+            limits.max_width,
+            limits.max_height,
+            limits.max_size,
+            limits.max_count,
+            driver.name,
+            (driver.major, driver.minor, driver.patch),
+            self.backend.node,
+        )
+        return Answer(serial, welcome)
+
+    def _allocate(self, session: Session, serial: int, request: Allocate) -> Outcome:
+        """ALLOCATE: ``count`` buffers of one format and size, delivered with their fds.
+
+        Checked in this order, the first failure answering:
+
+        1. the fourcc is in the format table, else UNSUPPORTED_FORMAT;
+        2. ``flags`` is 0, else INVALID_ARGUMENT;
+        3. ``count`` is within 1..max_count: 0 is INVALID_ARGUMENT, more LIMIT_EXCEEDED;
+        4. the size, by :func:`formats.plan`: a width or height of 0, or one the
+           format's subsampling does not divide, is INVALID_ARGUMENT; over
+           max_width or max_height, or a planned span over max_size, LIMIT_EXCEEDED;
+        5. the quotas, on the planned size times ``count``: QUOTA_EXCEEDED;
+        6. the kernel (the backend's allocate): KERNEL with its errno (a LayoutError
+           the backend raises is answered as in 4);
+        7. the quotas again, on the sizes the kernel returned (page-rounded, its
+           own pitch): QUOTA_EXCEEDED.
+
+        Whatever fails, the buffers made so far are freed. Past 7 the buffers are
+        the client's; if exporting or sending them fails, they are released and
+        the request answered with KERNEL (see :class:`_Allocation`).
+        """
+        fmt = formats.FORMATS.get(request.fourcc)
+        if fmt is None:
+            shown = formats.fourcc_str(request.fourcc)
+            return self._fail(
+                session, serial, ErrorCode.UNSUPPORTED_FORMAT, f"unknown fourcc {shown!r}"
+            )
+        if request.flags:
+            return self._fail(
+                session, serial, ErrorCode.INVALID_ARGUMENT, f"unknown flags {request.flags:#x}"
+            )
+        limits = self.limits
+        if not 1 <= request.count <= limits.max_count:
+            code = ErrorCode.INVALID_ARGUMENT if request.count == 0 else ErrorCode.LIMIT_EXCEEDED
+            text = f"count {request.count} is not within 1..{limits.max_count}"
+            return self._fail(session, serial, code, text)
+        try:
+            planned = formats.plan(fmt, request.width, request.height, limits).size
+        except LayoutError as e:
+            code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
+            return self._fail(session, serial, code, str(e))
+        refused = self._over_quota(session, serial, request.count, planned * request.count)
+        if refused is not None:
+            return refused
+        made: list[Allocation] = []
+        adopted = 0
+        try:
+            for _ in range(request.count):
+                try:
+                    made.append(self.backend.allocate(fmt, request.width, request.height, limits))
+                except KernelError as e:
+                    return self._kernel(session, serial, e)
+                except LayoutError as e:  # the backend's own refusal, past plan()'s
+                    code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
+                    return self._fail(session, serial, code, str(e))
+            # The quota holds the sizes made (page-rounded, the kernel's pitch), not the plan.
+            refused = self._over_quota(session, serial, len(made), sum(a.size for a in made))
+            if refused is not None:
+                return refused
+            infos = []
+            for allocation in made:
+                self.ledger.charge(session.account, 1, allocation.size)
+                infos.append(_info(session.adopt(allocation), allocation))
+                adopted += 1
+        finally:
+            for allocation in made[adopted:]:  # not the session's: nobody else will free them
+                self._free(session, allocation)
+        return _Allocation(self, session, serial, infos)
+
+    def _over_quota(
+        self, session: Session, serial: int, buffers: int, nbytes: int
+    ) -> Answer | None:
+        try:
+            self.ledger.check(session.account, self.policy, buffers, nbytes)
+        except QuotaExceeded as e:
+            return self._fail(session, serial, ErrorCode.QUOTA_EXCEEDED, str(e))
+        return None
+
+    def _release(self, session: Session, serial: int, request: Release) -> Answer:
+        unknown = [i for i in request.ids if i not in session.buffers]
+        if unknown or len(set(request.ids)) != len(request.ids):
+            what = f"unknown buffer id {unknown[0]}" if unknown else "an id appears twice"
+            return self._fail(session, serial, ErrorCode.UNKNOWN_BUFFER, what)
+        for ident in request.ids:
+            self._drop(session, ident)
+        return Answer(serial, Released(len(request.ids)))
+
+    def _share(self, session: Session, serial: int, request: Share) -> Answer:
+        if request.id not in session.buffers:
+            text = f"unknown buffer id {request.id}"
+            return self._fail(session, serial, ErrorCode.UNKNOWN_BUFFER, text)
+        if session.tokens >= MAX_TOKENS:
+            text = f"{MAX_TOKENS} tokens per client"
+            return self._fail(session, serial, ErrorCode.LIMIT_EXCEEDED, text)
+        token = self.tokens.issue(session, request.id, request.once, frozenset(request.uids))
+        return Answer(serial, Shared(token))
+
+    def _open_shared(self, session: Session, serial: int, request: OpenShared) -> Delivery:
+        def find() -> tuple[Allocation, bytes | None] | Answer:
+            entry = self.tokens.get(request.token)
+            if entry is None or not entry.admits(session.uid):
+                return self._fail(session, serial, ErrorCode.UNKNOWN_TOKEN, NO_TOKEN)
+            log.debug("%s opens a buffer of %s", session, entry.owner)
+            return entry.owner.buffers[entry.id], request.token if entry.once else None
+
+        return _HandOver(self, session, serial, find)
+
+    def _revoke(self, session: Session, serial: int, request: Revoke) -> Answer:
+        entry = self.tokens.get(request.token)
+        if entry is None or entry.owner is not session:
+            return self._fail(session, serial, ErrorCode.UNKNOWN_TOKEN, NO_TOKEN)
+        self.tokens.forget(request.token)
+        return Answer(serial, Revoked())
+
+    def _query(self, session: Session, serial: int, request: Query) -> Answer:
+        driver, limits = self.backend.driver, self.limits
+        quotas = self.policy.quotas
+        if self.policy.is_admin(session.account.peer):
+            quota_buffers = quota_bytes = 0
+        else:
+            quota_buffers = _tightest(quotas.buffers_per_client, quotas.buffers_per_uid)
+            quota_bytes = _tightest(quotas.bytes_per_client, quotas.bytes_per_uid)
+        used = session.account.own
+        reply = Queried(
+            self.backend.kind,
+            driver.name,
+            (driver.major, driver.minor, driver.patch),
+            self.backend.node,
+            limits.max_width,
+            limits.max_height,
+            limits.max_count,
+            limits.max_size,
+            _FORMATS,
+            (formats.MOD_LINEAR,),
+            quota_buffers,
+            quota_bytes,
+            used.buffers,
+            used.bytes,
+        )
+        return Answer(serial, reply)
+
+    def _sees_all(self, session: Session) -> bool:
+        """Root and the admin group see (and may open) every client's buffers."""
+        return session.uid == 0 or self.policy.is_admin(session.account.peer)
+
+    def _list(self, session: Session, serial: int, request: List) -> Answer:
+        visible = (
+            sorted(self.sessions, key=lambda s: s.number) if self._sees_all(session) else [session]
+        )
+        rows: list[ClientEntry] | list[BufferEntry]
+        if request.what == protocol.LIST_CLIENTS:
+            page = LIST_PAGE_CLIENTS
+            rows = [
+                ClientEntry(
+                    s.number, s.pid, s.uid, s.gid, int(s.since * 1000),
+                    s.account.own.buffers, s.account.own.bytes, s.name,
+                )
+                for s in visible
+            ]  # fmt: skip
+        elif request.what == protocol.LIST_BUFFERS:
+            page = LIST_PAGE_BUFFERS
+            now = time.monotonic()
+            rows = [
+                BufferEntry(
+                    s.number, ident, a.width, a.height, a.fourcc, a.size,
+                    int((now - a.born) * 1000), len(s.shares.get(ident, ())),
+                )
+                for s in visible
+                for ident, a in s.buffers.items()
+            ]  # fmt: skip
+        else:
+            text = f"LIST of kind {request.what}"
+            return self._fail(session, serial, ErrorCode.INVALID_ARGUMENT, text)
+        end = request.start + page
+        following = end if end < len(rows) else 0
+        chunk = tuple(rows[request.start : end])
+        return Answer(serial, Listed(request.what, following, chunk))  # type: ignore[arg-type]
+
+    def _stats(self, session: Session, serial: int, request: Stats) -> Answer:
+        counters = [
+            *((1, op, n) for op, n in sorted(self.requests_by_opcode.items())),
+            *((2, code, n) for code, n in sorted(self.errors_by_code.items())),
+            (3, 1, self.stats["bad_messages"]),
+            (3, 2, self.stats["refused"]),
+        ]
+        reply = Statistics(
+            int((time.monotonic() - self.started) * 1000),
+            len(self.sessions),
+            self.live_buffers,
+            self.held_bytes,
+            len(self.tokens),
+            tuple(counters),
+        )
+        return Answer(serial, reply)
+
+    def _open_buffer(self, session: Session, serial: int, request: OpenBuffer) -> Outcome:
+        if not self._sees_all(session):
+            text = "only root and the admin group open other clients' buffers"
+            return self._fail(session, serial, ErrorCode.PERMISSION_DENIED, text)
+
+        def find() -> tuple[Allocation, bytes | None] | Answer:
+            owner = next((s for s in self.sessions if s.number == request.client), None)
+            allocation = owner.buffers.get(request.id) if owner else None
+            if allocation is None:
+                text = f"no buffer {request.client}:{request.id}"
+                return self._fail(session, serial, ErrorCode.UNKNOWN_BUFFER, text)
+            log.info("%s opens buffer %d of %s", session, request.id, owner)
+            return allocation, None
+
+        return _HandOver(self, session, serial, find)
+
+    # --- buffers -------------------------------------------------------------------------
+
+    def _free(self, session: Session, allocation: Allocation) -> None:
+        try:
+            self.backend.free(allocation)
+        except OSError as e:  # never seen; log it rather than lose the session's others
+            log.error("%s: freeing a buffer failed: %s", session, e)
+
+    def _drop(self, session: Session, ident: int) -> None:
+        """Release one of the session's buffers: its tokens die, its quota is refunded."""
+        self.tokens.forget_buffer(session, ident)
+        allocation = session.buffers.pop(ident)
+        self.ledger.refund(session.account, 1, allocation.size)
+        self._free(session, allocation)
+
+
+class _Allocation(Delivery):
+    """The buffers of one ALLOCATE, MAX_FDS to a part (SCM_MAX_FD fds per message).
+
+    They are the session's already: if a part fails, all of them are released,
+    parts already sent included (on the Error the client closes what it got).
+    """
+
+    def __init__(self, core: Core, session: Session, serial: int, infos: list[BufferInfo]):
+        super().__init__(serial)
+        self._core, self._session, self._infos = core, session, infos
+        self._next = 0
+
+    @property
+    def pending(self) -> bool:
+        return self._next < len(self._infos)
+
+    def export(self, fds: list[int]) -> Reply:
+        index = self._next
+        part = self._infos[index : index + MAX_FDS]
+        self._next = index + len(part)
+        backend, buffers = self._core.backend, self._session.buffers
+        for info in part:
+            fds.append(backend.export(buffers[info.id]))
+        return Allocated(len(self._infos), index, tuple(part))
+
+    def failed(self, error: OSError) -> Answer:
+        self._next = len(self._infos)
+        for info in self._infos:
+            self._core._drop(self._session, info.id)
+        return self._core._kernel(self._session, self.serial, error)
+
+
+class _HandOver(Delivery):
+    """A fresh fd of someone else's buffer, as an ALLOCATED of one with id 0 (it stays
+    its owner's). ``find`` looks the buffer up, in export(): after the last await."""
+
+    def __init__(
+        self,
+        core: Core,
+        session: Session,
+        serial: int,
+        find: Callable[[], tuple[Allocation, bytes | None] | Answer],
+    ):
+        super().__init__(serial)
+        self._core, self._session, self._find = core, session, find
+        self._done = False
+
+    @property
+    def pending(self) -> bool:
+        return not self._done
+
+    def export(self, fds: list[int]) -> Reply:
+        self._done = True
+        found = self._find()
+        if isinstance(found, Answer):
+            return found.reply
+        allocation, once = found
+        fds.append(self._core.backend.export(allocation))
+        if once is not None:  # a single-use token is spent once its fd exists
+            self._core.tokens.forget(once)
+        return Allocated(1, 0, (_info(0, allocation),))
+
+    def failed(self, error: OSError) -> Answer:
+        self._done = True
+        return self._core._kernel(self._session, self.serial, error)

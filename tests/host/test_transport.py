@@ -1,0 +1,455 @@
+"""The daemon's transport in-process, over ``socketpair()``: bytes and fds, flow control, time.
+
+Each test serves one end of a real SOCK_SEQPACKET socketpair with
+:meth:`Daemon.serve_client` on the real MemfdBackend, and speaks the wire format
+by hand on the other end. Two faults can't be had for real here and are
+injected, said so where used: ETOOMANYREFS (root, which runs these tests, is
+exempt from the in-flight fd limit) and EMFILE on accept. Every test checks
+that this process holds the same fds at its end as at its start.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import resource
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from primed import fdpass, formats
+from primed.daemon import transport
+from primed.daemon.lean import LeanSocket
+from primed.daemon.policy import Policy
+from primed.daemon.process import bind, run
+from primed.daemon.transport import QUEUED_BYTES, Daemon
+from primed.errors import ErrorCode, PrimedError
+from primed.formats import Format, Limits
+from primed.kernel.backends import Allocation, MemfdBackend
+from primed.wire import protocol
+from primed.wire.protocol import Allocate, Allocated, Error, Hello, Query, Released, Welcome
+from primed.wire.schema import MAX_FDS, MAX_MESSAGE
+from tests.support import short_dir
+
+XR24 = formats.fourcc("XR24")
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    before = open_fds()
+    yield
+    assert open_fds() == before, "the transport or the test leaked fds"
+
+
+class Client:
+    """The client end of a socketpair whose other end a Daemon serves."""
+
+    def __init__(self, sock: trio.socket.SocketType, served: LeanSocket):
+        self.sock, self.served = sock, served
+        self.kept: list[int] = []
+
+    async def send(self, message: protocol.Request, serial: int) -> None:
+        await self.sock.sendmsg([protocol.encode(message, serial)])
+
+    async def receive(self) -> tuple[int, protocol.Message, list[int]]:
+        data, fds = await fdpass.recv_async(self.sock)
+        assert data or fds, "the daemon closed the connection"
+        self.kept += fds
+        serial, message = protocol.decode(data, len(fds), "reply")
+        return serial, message, fds
+
+    async def ask(self, message: protocol.Request, serial: int = 1) -> protocol.Message:
+        await self.send(message, serial)
+        got, reply, _ = await self.receive()
+        assert got == serial
+        return reply
+
+    async def at_eof(self) -> bool:
+        data, fds = await fdpass.recv_async(self.sock)
+        fdpass.close_fds(fds)
+        return not data and not fds
+
+    def unread(self) -> int:
+        """What the daemon sent that this end has not read (the daemon end's SIOCOUTQ)."""
+        return transport._unread(self.served)
+
+
+@pytest.fixture
+async def serve(nursery: trio.Nursery) -> AsyncIterator[Any]:
+    """``await serve(daemon)`` serves a new socketpair; its client end is closed at the end."""
+    clients: list[Client] = []
+
+    async def start(daemon: Daemon, hello: bool = True) -> Client:
+        ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        served = LeanSocket(theirs)
+        client = Client(ours, served)
+        clients.append(client)
+        nursery.start_soon(daemon.serve_client, served)
+        if hello:
+            assert isinstance(await client.ask(Hello(name="transport test")), Welcome)
+        return client
+
+    yield start
+    for client in clients:
+        client.sock.close()
+        fdpass.close_fds(client.kept)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def settle(condition: Any, what: str, timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (the daemon's task runs meanwhile)."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
+
+
+async def test_allocate_round_trip_and_disconnect_frees(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    await client.send(Allocate(16, 16, XR24, count=2), 5)
+    serial, reply, fds = await client.receive()
+    assert serial == 5 and isinstance(reply, Allocated)
+    assert [b.id for b in reply.buffers] == [1, 2] and len(fds) == 2
+    assert os.fstat(fds[0]).st_size == reply.buffers[0].size
+    assert await client.ask(protocol.Release((2,)), 6) == Released(1)
+    assert daemon.core.live_buffers == 1
+    client.sock.shutdown(socket.SHUT_WR)  # end of stream: the daemon frees what it held
+    await settle(lambda: not daemon.core.sessions, "the disconnect")
+    assert daemon.core.live_buffers == 0
+    assert os.fstat(fds[1]).st_size == reply.buffers[1].size  # delivered fds stay valid
+
+
+async def test_600_buffers_come_in_three_datagrams(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    await client.send(Allocate(16, 16, XR24, count=600), 2)
+    parts = [await client.receive() for _ in range(3)]
+    assert all(isinstance(m, Allocated) for _, m, _ in parts)
+    assert [(s, m.index, len(fds)) for s, m, fds in parts] == [
+        (2, 0, MAX_FDS),
+        (2, MAX_FDS, MAX_FDS),
+        (2, 2 * MAX_FDS, 600 - 2 * MAX_FDS),
+    ]
+    assert isinstance(await client.ask(Query(), 3), protocol.Queried)
+
+
+async def test_a_bad_message_is_answered_then_the_client_dropped(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    read, write = os.pipe()
+    try:
+        # An fd the header does not count: BAD_MESSAGE, and the fd is closed unread.
+        await client.sock.sendmsg([protocol.encode(Query(), 9)], fdpass.rights([write]))
+        os.close(write)
+        serial, reply, fds = await client.receive()
+        assert (serial, fds) == (9, [])
+        assert isinstance(reply, Error) and reply.code == ErrorCode.BAD_MESSAGE
+        assert reply.text == "header says 0 fds, 1 arrived"
+        assert await client.at_eof()
+        assert os.read(read, 1) == b""  # every copy of the write end is closed
+    finally:
+        os.close(read)
+    await settle(lambda: not daemon.core.sessions, "the drop")
+    assert daemon.core.stats["bad_messages"] == 1
+
+
+async def test_unknown_opcode_keeps_the_client_and_before_hello_drops_it(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    data = bytearray(protocol.encode(Query(), 4))
+    data[0:2] = (0x6666).to_bytes(2, "little")
+    await client.sock.sendmsg([bytes(data)])
+    assert await client.receive() == (
+        4,
+        Error(ErrorCode.UNKNOWN_OPCODE, 0, "unknown opcode 0x6666"),
+        [],
+    )
+    assert isinstance(await client.ask(Query(), 5), protocol.Queried)
+    early = await serve(daemon, hello=False)
+    assert await early.ask(Query(), 1) == Error(ErrorCode.BAD_STATE, 0, "HELLO must come first")
+    assert await early.at_eof()
+
+
+async def test_a_refused_peer_is_told_why_then_hung_up_on(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend(), policy=Policy(allowed_uids=frozenset({os.getuid() + 1})))
+    client = await serve(daemon, hello=False)
+    await client.send(Hello(), 1)  # unread by the daemon: the hang-up drains it
+    serial, reply, _ = await client.receive()
+    assert serial == 0 and isinstance(reply, Error)
+    assert reply.code == ErrorCode.PERMISSION_DENIED
+    assert await client.at_eof()
+    assert daemon.core.stats["refused"] == 1 and not daemon.core.sessions
+
+
+async def test_a_reply_with_fds_waits_for_the_client_to_read(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    await client.send(Allocate(16, 16, XR24), 1)
+    await settle(lambda: client.unread() > 0, "one reply queued")
+    one_reply = client.unread()
+    await client.receive()
+    wanted = 3 * QUEUED_BYTES // one_reply
+    for serial in range(2, 2 + wanted):
+        await client.send(Allocate(16, 16, XR24), serial)
+    # The daemon answers until the client has QUEUED_BYTES unread; then the next
+    # reply (its buffer made, not yet exported) waits.
+    await settle(lambda: client.unread() > QUEUED_BYTES, "the queue to fill")
+    await trio.testing.wait_all_tasks_blocked()
+    assert QUEUED_BYTES < client.unread() <= QUEUED_BYTES + one_reply
+    queued = client.unread() // one_reply
+    assert daemon.core.live_buffers in (1 + queued, 1 + queued + 1)  # the waiting one is made
+    assert daemon.core.live_buffers < 1 + wanted
+    for serial in range(2, 2 + wanted):
+        got, reply, fds = await client.receive()
+        assert got == serial and isinstance(reply, Allocated) and len(fds) == 1
+        assert reply.buffers[0].id == serial
+    assert daemon.core.live_buffers == 1 + wanted
+
+
+async def test_a_client_that_stops_reading_is_dropped(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = Daemon(MemfdBackend(), send_timeout=0.3)
+    client = await serve(daemon)
+    for serial in range(2, 80):
+        await client.send(Allocate(16, 16, XR24), serial)
+    await settle(lambda: not daemon.core.sessions, "the drop", timeout=10)
+    assert "read no reply for 0.3 s; dropping it" in caplog.text
+    assert daemon.core.live_buffers == 0
+
+
+class TooManyRefs(LeanSocket):
+    """Fault injection: the first send that carries fds fails with ETOOMANYREFS, as
+    sendmsg does for a non-root sender past its RLIMIT_NOFILE of fds in flight."""
+
+    tripped = False
+
+    def try_sendmsg(self, buffers: list[Any], ancdata: list[tuple[int, int, Any]]) -> int | None:
+        if ancdata and not self.tripped:
+            self.tripped = True
+            raise OSError(errno.ETOOMANYREFS, os.strerror(errno.ETOOMANYREFS))
+        return super().try_sendmsg(buffers, ancdata)
+
+
+async def test_etoomanyrefs_fails_the_request_not_the_client(nursery: trio.Nursery) -> None:
+    daemon = Daemon(MemfdBackend())
+    ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        client = Client(ours, TooManyRefs(theirs))
+        nursery.start_soon(daemon.serve_client, client.served)
+        assert isinstance(await client.ask(Hello()), Welcome)
+        reply = await client.ask(Allocate(16, 16, XR24, count=3), 2)
+        strerror = os.strerror(errno.ETOOMANYREFS)
+        assert reply == Error(ErrorCode.KERNEL, errno.ETOOMANYREFS, strerror)
+        assert daemon.core.live_buffers == 0  # dropped, and their exported fds closed
+        again = await client.ask(Allocate(16, 16, XR24), 3)
+        assert isinstance(again, Allocated) and again.buffers[0].id == 4
+        fdpass.close_fds(client.kept)
+
+
+async def test_a_kernel_error_while_exporting_fails_the_request(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # A real EMFILE: room for the 2 memfds, not for the dups that deliver them.
+    limit = max(open_fds()) + 1
+    fillers: list[int] = []
+    try:
+        while (fd := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) < limit:
+            fillers.append(fd)
+        os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit + 2, hard))
+        try:
+            reply = await client.ask(Allocate(16, 16, XR24, count=2), 2)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        fdpass.close_fds(fillers)
+    assert reply == Error(ErrorCode.KERNEL, errno.EMFILE, f"dup: {os.strerror(errno.EMFILE)}")
+    assert daemon.core.live_buffers == 0
+    assert isinstance(await client.ask(Allocate(16, 16, XR24), 3), Allocated)
+
+
+class Listener:
+    """Fault injection: a listening socket whose first accept fails with EMFILE."""
+
+    def __init__(self, sock: trio.socket.SocketType):
+        self.sock, self.failed = sock, False
+
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await self.sock.accept()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Iterator[Path]:
+    directory, made = short_dir(tmp_path)
+    try:
+        yield directory / "primed.sock"
+    finally:
+        if made:
+            os.rmdir(directory)
+
+
+async def test_accept_loop_backs_off_and_serves(
+    nursery: trio.Nursery, sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = Daemon(MemfdBackend())
+    with trio.socket.from_stdlib_socket(bind(str(sock_path))) as listening:
+        scope = trio.CancelScope()
+
+        async def serve_until_cancelled(*, task_status: Any) -> None:
+            with scope:
+                await daemon.serve(Listener(listening), task_status=task_status)  # type: ignore[arg-type]
+
+        await nursery.start(serve_until_cancelled)
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            await sock.connect(str(sock_path))
+            await sock.sendmsg([protocol.encode(Hello(), 1)])
+            data, fds = await fdpass.recv_async(sock)
+            assert isinstance(protocol.decode(data, len(fds), "reply")[1], Welcome)
+        assert "accept: [Errno 24]" in caplog.text
+        scope.cancel()
+    os.unlink(sock_path)
+
+
+@pytest.mark.parametrize("raise_fd_limit", [True, False])
+async def test_run_serves_until_sigterm(sock_path: Path, raise_fd_limit: bool) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, hard - 1, 4096)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    served: list[Daemon] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run(
+                    MemfdBackend(),
+                    str(sock_path),
+                    ready=served.append,
+                    raise_fd_limit=raise_fd_limit,
+                )
+            )
+            await settle(lambda: served, "the daemon to be ready")
+            assert sock_path.exists()
+            expected = hard if raise_fd_limit else lowered
+            assert resource.getrlimit(resource.RLIMIT_NOFILE) == (expected, hard)
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not sock_path.exists()
+
+
+async def test_an_oversized_datagram_is_a_bad_message(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    await client.sock.sendmsg([bytes(MAX_MESSAGE + 1)])
+    serial, reply, _ = await client.receive()
+    assert serial == 0 and isinstance(reply, Error) and reply.code == ErrorCode.BAD_MESSAGE
+    assert reply.text == "message truncated: too long"
+    assert await client.at_eof()
+
+
+async def test_a_refused_peer_may_send_anything_before_the_hang_up(
+    nursery: trio.Nursery,
+) -> None:
+    daemon = Daemon(MemfdBackend(), policy=Policy(allowed_uids=frozenset({os.getuid() + 1})))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        # Queued before the daemon looks: the hang-up drains both, one truncated.
+        ours.sendmsg([bytes(MAX_MESSAGE + 1)])
+        ours.sendmsg([protocol.encode(Hello(), 1)])
+        served = LeanSocket(trio.socket.from_stdlib_socket(theirs))
+        client = Client(trio.socket.from_stdlib_socket(ours), served)
+        nursery.start_soon(daemon.serve_client, served)
+        serial, reply, _ = await client.receive()
+        assert serial == 0 and isinstance(reply, Error)
+        assert reply.code == ErrorCode.PERMISSION_DENIED
+        assert await client.at_eof()
+
+
+async def test_a_reply_that_cannot_be_sent_in_time_drops_the_client(
+    serve: Any, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replies with no fds never wait for room: they fill the socket until sendmsg
+    # blocks, and the send timeout (armed only then) ends the client.
+    daemon = Daemon(MemfdBackend(), send_timeout=0.3)
+    client = await serve(daemon)
+
+    async def flood() -> None:
+        try:
+            for serial in itertools.count(2):
+                await client.send(Query(), serial & 0xFFFFFFFF)
+        except OSError:
+            pass  # the daemon hung up
+
+    nursery.start_soon(flood)
+    await settle(lambda: not daemon.core.sessions, "the drop", timeout=10)
+    assert "read no reply for 0.3 s; dropping it" in caplog.text
+
+
+async def test_a_reset_connection_ends_its_session(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A socket closed with a reply unread makes the daemon's next recv fail.
+    daemon = Daemon(MemfdBackend())
+    client = await serve(daemon)
+    await client.send(Query(), 2)
+    await settle(lambda: client.unread() > 0, "the reply")
+    with caplog.at_level(logging.INFO, "primed"):
+        client.sock.close()
+        await settle(lambda: not daemon.core.sessions, "the disconnect")
+    assert "connection failed: [Errno 104]" in caplog.text
+
+
+class Buggy(MemfdBackend):
+    """A backend with a bug: allocate raises what no handler expects."""
+
+    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+        raise RuntimeError("a bug")
+
+
+async def test_a_bug_costs_one_connection_never_the_daemon(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = Daemon(Buggy())
+    client, other = await serve(daemon), await serve(daemon)
+    await client.send(Allocate(16, 16, XR24), 2)
+    assert await client.at_eof()
+    assert "internal error; disconnecting it" in caplog.text
+    assert isinstance(await other.ask(Query(), 2), protocol.Queried)
+    assert len(daemon.core.sessions) == 1
+
+
+def test_reload_takes_new_rules_or_keeps_the_old() -> None:
+    rules: list[tuple[Limits, Policy] | PrimedError] = []
+
+    def hook() -> tuple[Limits, Policy]:
+        found = rules.pop()
+        if isinstance(found, PrimedError):
+            raise found
+        return found
+
+    daemon = Daemon(MemfdBackend(), reload=hook)
+    new = (Limits(max_width=64), Policy(admin_gid=7))
+    rules.append(new)
+    assert daemon.reload()
+    assert (daemon.core.limits, daemon.core.policy) == new
+    rules.append(PrimedError("bad file"))
+    assert not daemon.reload()
+    assert (daemon.core.limits, daemon.core.policy) == new
+    assert not Daemon(MemfdBackend()).reload()
+    assert daemon.summary() == "0 client(s), 0 buffer(s), 0.0 MiB"

@@ -21,7 +21,7 @@ from __future__ import annotations
 from primed.client.blocking import Client, Pending, connect
 from primed.client.buffer import Buffer, Mapping
 from primed.client.core import DEFAULT_SOCKET, Offer, ServerInfo
-from primed.client.device import Device, Framebuffer, Import
+from primed.client.device import BufferLayout, Device, Framebuffer, Import
 from primed.client.direct import recv_buffer, recv_buffer_async, send_buffer, send_buffer_async
 from primed.client.trio import AsyncClient, AsyncPending, connect_async
 from primed.errors import (
@@ -39,7 +39,7 @@ from primed.errors import (
     UnknownFormat,
 )
 from primed.fdpass import Truncated
-from primed.formats import FORMATS, Format, Limits, Plane
+from primed.formats import FORMATS, MOD_INVALID, MOD_LINEAR, Format, Limits, Plane
 from primed.wire.schema import Backend
 
 __version__ = "0.1.0"
@@ -47,10 +47,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_SOCKET",
     "FORMATS",
+    "MOD_INVALID",
+    "MOD_LINEAR",
     "AsyncClient",
     "AsyncPending",
     "Backend",
     "Buffer",
+    "BufferLayout",
     "Client",
     "ConnectionLost",
     "Device",

@@ -19,6 +19,8 @@ from primed.errors import UnknownFormat as UnknownFormat  # noqa: PLC0414 (re-ex
 
 #: DRM_FORMAT_MOD_LINEAR: the only modifier a dumb buffer can have.
 MOD_LINEAR = 0
+#: DRM_FORMAT_MOD_INVALID: no modifier given (the driver picks, implicitly), not LINEAR.
+MOD_INVALID = 0x00FFFFFFFFFFFFFF
 #: The pitch alignment primed uses where it chooses the pitch itself (bytes).
 PITCH_ALIGN = 64
 #: The most planes a DRM framebuffer can have.

@@ -18,7 +18,8 @@ from primed.client.connection import DEFAULT_SOCKET
 from primed.client.device import Device, Import
 from primed.errors import ErrorCode, PrimedError
 from primed.kernel import drm
-from primed.kernel.backends import BufferSource, DumbBackend, MemfdBackend, find_dumb_node
+from primed.kernel.allocation import BufferSource
+from primed.kernel.backends import DumbBackend, MemfdBackend, find_dumb_node
 from primed.service.config import DEFAULT_PATH as DEFAULT_CONFIG
 from primed.wire.schema import Opcode
 

@@ -44,7 +44,7 @@ from primed.daemon.policy import Ledger, Peer, Policy, QuotaExceeded
 from primed.daemon.sessions import Session, Tokens
 from primed.errors import ErrorCode, KernelError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
-from primed.kernel.backends import Allocation, BufferSource
+from primed.kernel.allocation import Allocation, BufferSource
 from primed.wire import protocol
 from primed.wire.protocol import (
     Allocate,

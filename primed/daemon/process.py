@@ -24,7 +24,7 @@ from primed.daemon import systemd
 from primed.daemon.policy import Policy
 from primed.daemon.transport import SEND_TIMEOUT, Daemon
 from primed.formats import Limits
-from primed.kernel.backends import BufferSource
+from primed.kernel.allocation import BufferSource
 
 log = logging.getLogger("primed")
 

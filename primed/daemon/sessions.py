@@ -13,7 +13,7 @@ import secrets
 import time
 
 from primed.daemon.policy import Account
-from primed.kernel.backends import Allocation
+from primed.kernel.allocation import Allocation
 from primed.wire.schema import TOKEN_SIZE
 
 

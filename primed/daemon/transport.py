@@ -31,7 +31,7 @@ from primed.daemon.policy import Peer, Policy
 from primed.daemon.sessions import Session
 from primed.errors import KernelError, PrimedError, RemoteProtocolError
 from primed.formats import Limits
-from primed.kernel.backends import BufferSource
+from primed.kernel.allocation import BufferSource
 from primed.wire import protocol
 from primed.wire.protocol import Reply
 

@@ -1,52 +1,21 @@
-"""Where the daemon's buffers come from: DRM dumb buffers, or sealed memfds.
+"""Two of the daemon's allocators: DRM dumb buffers, and sealed memfds.
 
-A backend makes an :class:`Allocation`, exports it as a new fd for each
-delivery (the caller sends it, then closes its copy), and frees it. The daemon
-keeps the Allocation (a GEM handle, or the memfd) for as long as the owning
-client holds it; every fd already delivered stays valid after that.
+Each is a :class:`~primed.kernel.allocation.BufferSource`; that module says what
+the daemon expects of one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import mmap
 import os
-import time
-from typing import Protocol
 
 from primed.errors import KernelError, NoDevice
-from primed.formats import MOD_LINEAR, Format, Layout, LayoutError, Limits, layout, plan
+from primed.formats import Format, LayoutError, Limits, layout, plan
 from primed.kernel import drm
+from primed.kernel.allocation import Allocation, planes_of
 from primed.wire.schema import Backend
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class Allocation:
-    width: int
-    height: int
-    fourcc: int
-    size: int
-    planes: tuple[tuple[int, int], ...]  #: (offset, pitch) of each plane
-    ref: int  #: the GEM handle (DRM) or the memfd (memfd) that keeps it alive
-    modifier: int = MOD_LINEAR
-    born: float = dataclasses.field(default_factory=time.monotonic)
-
-
-class BufferSource(Protocol):
-    kind: Backend
-    driver: drm.Version
-    node: str
-
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation: ...
-    def export(self, allocation: Allocation) -> int: ...
-    def free(self, allocation: Allocation) -> None: ...
-    def close(self) -> None: ...
-
-
-def _planes(lay: Layout) -> tuple[tuple[int, int], ...]:
-    return tuple((p.offset, p.pitch) for p in lay.planes)
 
 
 class DumbBackend:
@@ -74,14 +43,24 @@ class DumbBackend:
         row = tight.planes[0].pitch
         rows = -(-tight.size // row)
         dumb = drm.create_dumb(self.fd, -(-row // 4), rows, 32)
+        made = False  # the handle is ours until the Allocation that owns it is returned
         try:
-            lay = layout(fmt, width, height, pitch0=dumb.pitch)
-            if lay.size > dumb.size:
-                raise LayoutError(f"kernel gave {dumb.size} bytes, {lay.size} needed")
-        except LayoutError as e:
-            drm.destroy_dumb(self.fd, dumb.handle)
-            raise KernelError(errno.EINVAL, f"unusable dumb buffer pitch {dumb.pitch}: {e}") from e
-        return Allocation(width, height, fmt.fourcc, dumb.size, _planes(lay), dumb.handle)
+            try:
+                lay = layout(fmt, width, height, pitch0=dumb.pitch)
+                if lay.size > dumb.size:
+                    raise LayoutError(f"kernel gave {dumb.size} bytes, {lay.size} needed")
+            except LayoutError as e:
+                raise KernelError(
+                    errno.EINVAL, f"unusable dumb buffer pitch {dumb.pitch}: {e}"
+                ) from e
+            allocation = Allocation(
+                width, height, fmt.fourcc, dumb.size, planes_of(lay), dumb.handle
+            )
+            made = True
+            return allocation
+        finally:
+            if not made:
+                drm.destroy_dumb(self.fd, dumb.handle)
 
     def export(self, allocation: Allocation) -> int:
         return drm.handle_to_fd(self.fd, allocation.ref)
@@ -143,13 +122,19 @@ class MemfdBackend:
             fd = os.memfd_create("primed-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, "memfd_create") from None
+        made = False  # the memfd is ours until the Allocation that owns it is returned
         try:
-            os.ftruncate(fd, size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        except OSError as e:
-            os.close(fd)
-            raise KernelError(e.errno or errno.EIO, "memfd size and seals") from None
-        return Allocation(width, height, fmt.fourcc, size, _planes(lay), fd)
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            except OSError as e:
+                raise KernelError(e.errno or errno.EIO, "memfd size and seals") from None
+            allocation = Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
+            made = True
+            return allocation
+        finally:
+            if not made:
+                os.close(fd)
 
     def export(self, allocation: Allocation) -> int:
         try:

@@ -26,7 +26,7 @@ import struct
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
 from primed.kernel import dmabuf, drm
-from primed.kernel.backends import Allocation, _planes
+from primed.kernel.allocation import Allocation, planes_of
 from primed.wire.schema import Backend
 
 #: Where the kernel puts one character device per heap.
@@ -111,7 +111,7 @@ class HeapBackend:
         lay = plan(fmt, width, height, limits)  # refuses before any ioctl
         size = -(-lay.size // mmap.PAGESIZE) * mmap.PAGESIZE
         fd = alloc(self.fd, size)
-        return Allocation(width, height, fmt.fourcc, size, _planes(lay), fd)
+        return Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
 
     def export(self, allocation: Allocation) -> int:
         return _dup(allocation.ref)

@@ -32,7 +32,7 @@ import struct
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
 from primed.kernel import dmabuf, drm
-from primed.kernel.backends import Allocation, _planes
+from primed.kernel.allocation import Allocation, planes_of
 from primed.wire.schema import Backend
 
 #: The misc device.
@@ -130,7 +130,7 @@ class UdmabufBackend:
             fd = create(self.fd, memfd, 0, size)
         finally:
             os.close(memfd)  # the udmabuf holds the pages: see the module docstring
-        return Allocation(width, height, fmt.fourcc, size, _planes(lay), fd)
+        return Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
 
     def export(self, allocation: Allocation) -> int:
         # One open file description per dma-buf, whatever the path: see primed.kernel.heap.

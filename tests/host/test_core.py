@@ -40,7 +40,8 @@ from primed.daemon.policy import Peer, Policy, Quotas
 from primed.daemon.sessions import Session
 from primed.errors import ErrorCode, KernelError
 from primed.formats import Format, Limits
-from primed.kernel.backends import Allocation, MemfdBackend
+from primed.kernel.allocation import Allocation
+from primed.kernel.backends import MemfdBackend
 from primed.wire import protocol
 from primed.wire.protocol import (
     Allocate,

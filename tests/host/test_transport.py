@@ -33,7 +33,8 @@ from primed.daemon.process import bind, run
 from primed.daemon.transport import QUEUED_BYTES, Daemon
 from primed.errors import ErrorCode, PrimedError
 from primed.formats import Format, Limits
-from primed.kernel.backends import Allocation, MemfdBackend
+from primed.kernel.allocation import Allocation
+from primed.kernel.backends import MemfdBackend
 from primed.wire import protocol
 from primed.wire.protocol import Allocate, Allocated, Error, Hello, Query, Released, Welcome
 from primed.wire.schema import MAX_FDS, MAX_MESSAGE

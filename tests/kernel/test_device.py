@@ -168,7 +168,7 @@ def test_a_dropped_device_frees_the_memory_it_held(tmp_path: Path, nodes: dict[s
         device = primed.Device(nodes["vgem"].render)
         alive = weakref.ref(device)
         with primed.connect(running.socket) as client:
-            bufs = client.allocate(2048, 2048, "XR24", count=4)  # 64 MiB
+            bufs = client.allocate_many(2048, 2048, "XR24", 4)  # 64 MiB
             imports = [device.import_buffer(b) for b in bufs]
             for buf in bufs:
                 with buf.map() as pixels:

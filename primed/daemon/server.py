@@ -831,8 +831,12 @@ async def run(
     reload: Callable[[], tuple[Limits, Policy]] | None = None,
     activated: socket.socket | None = None,
     send_timeout: float = SEND_TIMEOUT,
+    raise_fd_limit: bool = True,
 ) -> None:
     """Serve on ``path`` until SIGTERM or SIGINT; free everything and remove the socket.
+
+    ``raise_fd_limit``: raise the soft RLIMIT_NOFILE to the hard one (False where the
+    caller set it, as systemd's LimitNOFILE= does).
 
     ``activated`` is a socket systemd passed, already listening at ``path``: it is
     served and left in place. SIGHUP reloads (:meth:`Daemon.reload`). With
@@ -841,7 +845,8 @@ async def run(
     """
     daemon = Daemon(backend, limits, policy, reload, send_timeout)
     reload_note = ""
-    fdpass.raise_fd_limit()
+    if raise_fd_limit:
+        fdpass.raise_fd_limit()
 
     def status() -> str:
         kind = backend.kind.name.lower()

@@ -121,8 +121,9 @@ def test_socket_activation() -> None:
     assert "backend: drm" in shown
     assert re.search(r"device:  /dev/dri/card\d \(virtio_gpu ", shown), shown
     assert show("primed.service", "ActiveState") == "active"
-    journal.wait(f"socket activation: fd 3 (primed.socket) listens on {SOCKET}")
-    assert status_text() == f"serving drm buffers on {SOCKET}: 0 client(s), 0 buffer(s), 0.0 MiB"
+    journal.wait(f"listens on {SOCKET}")  # "socket activation: fd 3 (NAME) listens on ..."
+    summary = r"\d+ client\(s\), \d+ buffer\(s\), \d+\.\d MiB"
+    assert re.fullmatch(f"serving drm buffers on {SOCKET}: {summary}", status_text())
     shown = run("systemctl", "status", "--no-pager", "primed").stdout
     assert f'Status: "serving drm buffers on {SOCKET}: ' in shown
 
@@ -138,7 +139,8 @@ def test_the_hardening_is_in_force() -> None:
     uid = int(fields["Uid"].split()[0])
     assert 61184 <= uid <= 65519  # DynamicUser='s range
     groups = {int(g) for g in fields["Groups"].split()}
-    assert groups == {grp.getgrnam("video").gr_gid}
+    assert grp.getgrnam("video").gr_gid in groups  # SupplementaryGroups=video
+    assert not groups & {grp.getgrnam("render").gr_gid, grp.getgrnam("primed").gr_gid}
     limits = Path(f"/proc/{main_pid()}/limits").read_text()
     assert re.search(r"Max open files\s+524288\s+524288", limits), limits  # LimitNOFILE=
 
@@ -196,6 +198,7 @@ def test_importing_on_a_render_node_needs_render() -> None:
 def test_reload_with_good_bad_and_non_utf8_files() -> None:
     info_as("alice")
     pid = main_pid()
+    restarts = show("primed.service", "NRestarts")
     journal = Journal()
     CONFIG.write_text('device = "/dev/dri/card0"\n[limits]\nmax_width = 1000\n')
     run("systemctl", "reload", "primed")
@@ -213,7 +216,7 @@ def test_reload_with_good_bad_and_non_utf8_files() -> None:
     journal.wait(f"{CONFIG}: not valid TOML: not UTF-8: byte 0xe9 (at line 2, column 20)")
     assert "limits:  1000x16384," in info_as("alice")
     assert main_pid() == pid  # not one reload killed it
-    assert show("primed.service", "NRestarts") == "0"
+    assert show("primed.service", "NRestarts") == restarts
 
     # The journal's priorities come from the daemon's <N> prefixes.
     entries = journal.entries()
@@ -233,10 +236,10 @@ DROP_IN = Path("/etc/systemd/system/primed.service.d")
 
 
 def test_the_watchdog() -> None:
-    """Alive past WatchdogSec= (shortened to 3 s by a drop-in, so the test stays short);
+    """Alive past WatchdogSec= (shortened to 8 s by a drop-in, so the test stays short);
     a SIGSTOPped daemon is killed and started again."""
     DROP_IN.mkdir(exist_ok=True)
-    (DROP_IN / "watchdog.conf").write_text("[Service]\nWatchdogSec=3s\n")
+    (DROP_IN / "watchdog.conf").write_text("[Service]\nWatchdogSec=8s\n")
     try:
         run("systemctl", "daemon-reload")
         run("systemctl", "restart", "primed.service")
@@ -245,8 +248,8 @@ def test_the_watchdog() -> None:
         restarts = int(show("primed.service", "NRestarts"))
         # A ping after WatchdogSec has passed since the start: it lived past the timeout.
         wait_for(
-            lambda: int(show("primed.service", "WatchdogTimestampMonotonic")) > started + 3_500_000,
-            "a watchdog ping 3.5 s after the start",
+            lambda: int(show("primed.service", "WatchdogTimestampMonotonic")) > started + 9_000_000,
+            "a watchdog ping 9 s after the start",
         )
         assert (main_pid(), show("primed.service", "ActiveState")) == (pid, "active")
 
@@ -277,6 +280,7 @@ def test_a_bad_file_at_start_is_told_to_clients_until_a_reload_mends_it() -> Non
         "within 1..4294967295; mend that, then run: systemctl reload primed"
     ) in first.stderr
     pid = main_pid()
+    restarts = show("primed.service", "NRestarts")
     assert status_text().startswith(f"refusing clients: {CONFIG}: limits.max_width: -1")
 
     # A burst of clients: each told at once, and not one more start.
@@ -290,7 +294,7 @@ def test_a_bad_file_at_start_is_told_to_clients_until_a_reload_mends_it() -> Non
         assert answer["seconds"] < 1.0, answer
     assert result["raw"] == [0, "Error", ""]  # serial 0, unasked; then a clean end
     assert main_pid() == pid
-    assert show("primed.service", "NRestarts") == "0"
+    assert show("primed.service", "NRestarts") == restarts
     assert show("primed.socket", "ActiveState") == "active"
     assert show("primed.socket", "Result") == "success"
     assert os.path.exists(SOCKET)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import grp
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,11 +19,12 @@ from primed import formats
 from primed.client.blocking import connect
 from primed.client.connection import DEFAULT_SOCKET
 from primed.client.device import Device, Import
-from primed.errors import ErrorCode, PrimedError
+from primed.errors import ErrorCode, KernelError, PrimedError
 from primed.kernel import drm
 from primed.kernel.allocation import BufferSource
 from primed.kernel.backends import DumbBackend, MemfdBackend, find_dumb_node
 from primed.service.config import DEFAULT_PATH as DEFAULT_CONFIG
+from primed.service.config import Config
 from primed.wire.schema import Opcode
 
 log = logging.getLogger("primed")
@@ -70,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-height", type=int, help=f"default {defaults.max_height}")
     serve.add_argument("--max-size", type=int, help=f"per buffer (default {defaults.max_size})")
     serve.add_argument("--max-count", type=int, help=f"per request (default {defaults.max_count})")
+    serve.add_argument(
+        "--keep-fd-limit",
+        action="store_true",
+        help="keep the soft RLIMIT_NOFILE as given (the unit's LimitNOFILE= sets it) "
+        "instead of raising it to the hard one",
+    )
 
     info = commands.add_parser("info", help="what the daemon serves")
     info.add_argument("--socket", help=socket_help)
@@ -109,6 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
     from primed.daemon.server import run
     from primed.service import config as conf
     from primed.service import log as logsetup
+    from primed.service import refusing
 
     logsetup.setup(args.log_level or "info")
     overrides = {
@@ -116,14 +127,34 @@ def _serve(args: argparse.Namespace) -> int:
         for key, flag in conf.FLAGS.items()
         if (value := getattr(args, flag[2:].replace("-", "_"))) is not None
     }
-    path = conf.default_path(args.config)
     try:
-        config = conf.load(path, overrides)
         activated = systemd.activated_listener()
-    except (conf.ConfigError, systemd.ActivationError) as e:
+    except systemd.ActivationError as e:
         log.error("%s", e)
         return 2
-    logsetup.setup(config.log_level)
+    while True:
+        path = conf.default_path(args.config)
+        try:
+            config = conf.load(path, overrides)
+            if args.device and config.backend == "memfd":
+                log.error("--device makes no sense with --backend memfd")
+                return 2
+            logsetup.setup(config.log_level)
+            backend = _open_backend(config)
+            break
+        except (PrimedError, OSError) as e:
+            problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            if activated is None:  # run by hand: say why and stop
+                if isinstance(e, conf.ConfigError):
+                    log.error("%s", e)
+                    return 2
+                raise
+            # Socket-activated: exiting would only make systemd start primed again
+            # for the waiting client, and again, until the socket unit fails. Tell
+            # the clients what is wrong instead, until a reload mends it.
+            log.error("%s", problem)
+            if not trio.run(refusing.refuse, activated, problem):
+                return 0
     log.info("configuration: %s", path or f"the defaults (there is no {conf.DEFAULT_PATH})")
 
     def reload() -> tuple[formats.Limits, Policy]:
@@ -140,18 +171,6 @@ def _serve(args: argparse.Namespace) -> int:
         socket = activated.getsockname()
         if config.socket is not None and config.socket != socket:
             log.info("serving the socket systemd passed, %s, not %s", socket, config.socket)
-    backend: BufferSource
-    if config.backend == "memfd":
-        if args.device:
-            log.error("--device makes no sense with --backend memfd")
-            return 2
-        backend = MemfdBackend()
-    else:
-        device = config.device
-        if device is None:
-            device = find_dumb_node()
-            log.info("picked %s, the first DRM node that creates dumb buffers", device)
-        backend = DumbBackend(device)
     trio.run(
         lambda: run(
             backend,
@@ -162,9 +181,22 @@ def _serve(args: argparse.Namespace) -> int:
             reload=reload,
             activated=activated,
             send_timeout=config.send_timeout,
+            raise_fd_limit=not args.keep_fd_limit,
         )
     )
     return 0
+
+
+def _open_backend(config: Config) -> BufferSource:
+    """The buffer source ``config`` names, opened. Raises KernelError (NoDevice) if the
+    card node can't be opened or none makes dumb buffers."""
+    if config.backend == "memfd":
+        return MemfdBackend()
+    device = config.device
+    if device is None:
+        device = find_dumb_node()
+        log.info("picked %s, the first DRM node that creates dumb buffers", device)
+    return DumbBackend(device)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -185,10 +217,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_device(node: str) -> Device:
+    """``node`` opened for imports; EACCES says which group would let this user in."""
+    try:
+        return Device(node)
+    except KernelError as e:
+        if e.errno != errno.EACCES:
+            raise
+        # The node's own group, as udev made it (Debian: render for renderD*, video
+        # for card*); primed's socket group does not open nodes.
+        try:
+            group = grp.getgrgid(os.stat(node).st_gid).gr_name
+        except (OSError, KeyError):
+            group = "render" if os.path.basename(node).startswith("renderD") else "video"
+        raise PrimedError(
+            f"cannot open {node} to import on it: {os.strerror(e.errno)}; its group {group} may "
+            f"open it (usermod -aG {group} USER, then log in again), or a seat's ACL "
+            "(a local session); the primed group only gets buffers from the daemon"
+        ) from None
+
+
 def _alloc(args: argparse.Namespace) -> int:
     width, height = args.size
     imports: list[Import] = []
-    device = Device(args.import_node) if args.import_node else None
+    device = _open_device(args.import_node) if args.import_node else None
     try:
         with connect(args.socket, name="primed alloc") as client:
             buffers = client.allocate_many(width, height, args.format, args.count)

@@ -226,13 +226,27 @@ def _flatten(data: Mapping[str, object], where: str) -> dict[str, object]:
 def read(path: str) -> dict[str, object]:
     """The keys of the TOML file at ``path``, flattened (``limits.max_width``); unchecked.
 
-    Raises ConfigError if it can't be read, is not TOML, or has an unknown key.
+    Raises ConfigError if it can't be read, is not TOML (UTF-8 included), or has an
+    unknown key.
     """
     try:
         with open(path, "rb") as file:
-            data = tomllib.load(file)
+            raw = file.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    # Decoded here, not by tomllib.load: its UnicodeDecodeError is no ConfigError, and
+    # would end a daemon that rereads a mangled file on SIGHUP.
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(
+            f"{path}: not valid TOML: not UTF-8: byte {raw[e.start]:#04x} "
+            f"(at line {line}, column {column})"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return _flatten(data, path)

@@ -133,6 +133,16 @@ def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     assert message in str(bad.value)
 
 
+def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    """Latin-1 where UTF-8 belongs is a ConfigError naming the line, not a UnicodeDecodeError
+    (which no caller catches: it ended the daemon on SIGHUP)."""
+    path = tmp_path / "primed.toml"
+    path.write_bytes(b'log_level = "info"\n# caf\xe9\n')
+    with pytest.raises(ConfigError) as bad:
+        config.load(str(path))
+    assert str(bad.value) == f"{path}: not valid TOML: not UTF-8: byte 0xe9 (at line 2, column 6)"
+
+
 def test_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"/nothing\.toml: cannot read: No such file"):
         config.load(str(tmp_path / "nothing.toml"))
@@ -163,11 +173,16 @@ def test_what_a_reload_cannot_change() -> None:
     ("text", "message"),
     [
         ('[limits]\nmax_width = "wide"\n', "limits.max_width: expected an integer, got 'wide'"),
+        (b"# \xff\n", "not valid TOML: not UTF-8: byte 0xff (at line 1, column 3)"),
         (None, "cannot read: No such file or directory"),
     ],
 )
-def test_a_bad_file_at_start(sock_dir: Path, text: str | None, message: str) -> None:
-    path = write(sock_dir, text) if text is not None else str(sock_dir / "absent.toml")
+def test_a_bad_file_at_start(sock_dir: Path, text: str | bytes | None, message: str) -> None:
+    if isinstance(text, bytes):
+        (sock_dir / "primed.toml").write_bytes(text)
+    path = write(sock_dir, text) if isinstance(text, str) else str(sock_dir / "primed.toml")
+    if text is None:
+        path = str(sock_dir / "absent.toml")
     socket_path = str(sock_dir / "primed.sock")
     done = subprocess.run(
         [sys.executable, "-m", "primed", "serve", "--config", path, "--socket", socket_path],
@@ -217,6 +232,15 @@ def test_reload_keeps_clients_and_applies_the_new_file(spawn: StartDaemon, sock_
         assert wide.value.code == ErrorCode.LIMIT_EXCEEDED
         client.release(held, *wider)
         client.release(*client.allocate_many(200, 50, "XR24", 3))
+
+        Path(path).write_bytes(b"[limits]\nmax_width = 300 # \x80\n")
+        reload(daemon, "reload refused, the running configuration stays")
+        assert f"{path}: not valid TOML: not UTF-8: byte 0x80 (at line 2, column 19)" in (
+            daemon.log()
+        )
+        assert daemon.process.poll() is None
+        with pytest.raises(primed.ServerError):
+            client.allocate(300, 1)
 
         os.unlink(path)
         reload(daemon, "reload refused, the running configuration stays")

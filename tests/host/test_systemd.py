@@ -22,11 +22,15 @@ from typing import IO
 import pytest
 
 import primed
+from primed.errors import ErrorCode
+from primed.wire import protocol
 from tests.support import Daemon, can_connect, start_daemon, wait_for
 
 UNITS = Path(__file__).parents[2] / "systemd"
 #: What the service runs: a pip-installed primed (README, "Install as a system service").
-EXEC_START = "ExecStart=/usr/local/bin/primed serve --config /etc/primed/primed.toml"
+EXEC_START = (
+    "ExecStart=/usr/local/bin/primed serve --config /etc/primed/primed.toml --keep-fd-limit"
+)
 _names = itertools.count()
 
 
@@ -135,7 +139,7 @@ def test_units_say_what_the_readme_says() -> None:
     sock = (UNITS / "primed.socket").read_text().splitlines()
     for line in (
         "ListenSequentialPacket=/run/primed/primed.sock",
-        "SocketGroup=video",
+        "SocketGroup=primed",
         "SocketMode=0660",
         "RemoveOnStop=yes",
         "WantedBy=sockets.target",
@@ -150,9 +154,46 @@ def test_units_say_what_the_readme_says() -> None:
         "DeviceAllow=char-drm rw",
         "ExecReload=/bin/kill -HUP $MAINPID",
         EXEC_START,
+        "StartLimitIntervalSec=0",
+        "Restart=on-failure",
+        "RestartSec=2s",
+        "LimitNOFILE=524288",
+        # Not the unit's name, primed: that is the clients' group, and a dynamic user
+        # can't take a name a static group has.
+        "User=primed-daemon",
     ):
         assert line in service
-    assert not any(line.startswith(("User=", "PrivateDevices=")) for line in service)
+    assert not any(
+        line.startswith(("PrivateDevices=", "RestartPreventExitStatus=", "Type=notify-"))
+        for line in service
+    )
+
+
+def test_sysusers_makes_the_socket_group(tmp_path: Path) -> None:
+    """systemd-sysusers, on an empty root, makes the group the socket unit names."""
+    (tmp_path / "etc").mkdir()
+    done = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", UNITS / "primed.sysusers"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    groups = [line.split(":") for line in (tmp_path / "etc" / "group").read_text().splitlines()]
+    assert [(g[0], int(g[2]) < 1000) for g in groups] == [("primed", True)]
+
+
+def test_the_readme_installs_the_group_before_the_socket() -> None:
+    readme = (UNITS.parent / "README.md").read_text()
+    section = readme.split("\n## Install as a system service\n", 1)[1].split("\n## ", 1)[0]
+    commands = [line[4:] for line in section.splitlines() if line.startswith("    ")]
+    sysusers = commands.index(
+        "install -D -m 644 systemd/primed.sysusers /etc/sysusers.d/primed.conf"
+    )
+    assert commands[sysusers + 1] == "systemd-sysusers"
+    assert commands.index("systemctl enable --now primed.socket") > sysusers + 1
+    assert "usermod -aG primed alice" in commands
 
 
 # --- socket activation ---------------------------------------------------------------------
@@ -230,6 +271,127 @@ def test_activation_with_a_stream_socket_is_refused(sock_dir: Path) -> None:
             probe.connect(str(path))
         assert activator.process.wait(30) == 2
         assert "is not a listening AF_UNIX SOCK_SEQPACKET socket" in activator.output()
+
+
+def test_a_bad_file_under_socket_activation_is_told_to_every_client(
+    sock_dir: Path, notify: Notifications
+) -> None:
+    """Socket-activated, primed doesn't exit on a bad file (systemd would start it again
+    for the waiting client, and again): each client gets one ERROR, serial 0, at once;
+    SIGHUP rereads the file and, once it is good, primed serves on the same socket."""
+    config = sock_dir / "primed.toml"
+    config.write_bytes(b"[limits]\nmax_width = -1\n")
+    path = sock_dir / "activated.sock"
+    told = (
+        f"primed can't serve: {config}: limits.max_width: -1 is not within 1..4294967295; "
+        "mend that, then run: systemctl reload primed"
+    )
+    with activate(
+        path,
+        "--seqpacket",
+        "--fdname=primed",
+        f"--setenv=NOTIFY_SOCKET={notify.address}",
+        command=primed_command("--config", str(config)),
+    ) as activator:
+        with pytest.raises(primed.ServerError) as first:  # this connection starts primed
+            primed.connect(str(path))
+        assert (first.value.code, first.value.text) == (ErrorCode.INTERNAL, told)
+        ready = notify.expect("READY")
+        assert ready["STATUS"] == "refusing clients: " + told.removeprefix("primed can't serve: ")
+        for _ in range(20):
+            start = time.monotonic()
+            with pytest.raises(primed.ServerError, match=r"limits\.max_width: -1"):
+                primed.connect(str(path))
+            assert time.monotonic() - start < 1.0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as raw:
+            raw.settimeout(10)
+            raw.connect(str(path))  # and sends nothing: the ERROR comes unasked
+            serial, message = protocol.decode(raw.recv(65536), 0, "reply")
+            assert (serial, message) == (0, protocol.Error(ErrorCode.INTERNAL, 0, told))
+            assert raw.recv(65536) == b""  # hung up on, gracefully
+
+        config.write_bytes(b"[limits]\nmax_width = 100 # \xe9\n")
+        activator.process.send_signal(signal.SIGHUP)
+        notify.expect("RELOADING")
+        ready = notify.expect("READY")
+        assert "not valid TOML: not UTF-8: byte 0xe9 (at line 2, column 19)" in ready["STATUS"]
+        with pytest.raises(primed.ServerError, match="not UTF-8"):
+            primed.connect(str(path))
+
+        config.write_text("[limits]\nmax_width = 100\n")
+        activator.process.send_signal(signal.SIGHUP)
+        notify.expect("RELOADING")
+        assert notify.expect("READY")["STATUS"].startswith(f"serving memfd buffers on {path}: ")
+        with primed.connect(str(path)) as client:
+            assert client.info.limits.max_width == 100
+            client.release(client.allocate(100, 10))
+        activator.process.send_signal(signal.SIGTERM)
+        assert activator.process.wait(10) == 0, activator.output()
+        log = activator.output()
+    assert log.count("refusing clients until a reload (SIGHUP) mends this") == 2
+    assert "Traceback" not in log
+
+
+def test_a_device_that_wont_open_under_socket_activation_is_told(sock_dir: Path) -> None:
+    path = sock_dir / "activated.sock"
+    command = [sys.executable, "-m", "primed", "serve", "--device", str(sock_dir / "card9")]
+    with activate(path, "--seqpacket", command=command) as activator:
+        with pytest.raises(primed.ServerError) as refused:
+            primed.connect(str(path))
+        assert refused.value.text.startswith(
+            f"primed can't serve: open {sock_dir}/card9: No such file or directory; "
+        )
+        activator.process.send_signal(signal.SIGTERM)
+        assert activator.process.wait(10) == 0, activator.output()
+
+
+def test_run_by_hand_a_bad_file_still_exits_2(sock_dir: Path) -> None:
+    config = sock_dir / "primed.toml"
+    config.write_bytes(b"\xff")
+    done = subprocess.run(
+        [*primed_command("--config", str(config), "--socket", str(sock_dir / "x.sock"))],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert f"{config}: not valid TOML: not UTF-8: byte 0xff" in done.stderr
+
+
+#: Runs the rest of its argv with the soft RLIMIT_NOFILE at 256, below the hard one.
+LOW_NOFILE = """
+import os, resource, sys
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_fd_limit(sock_dir: Path, keep: bool) -> None:
+    """``--keep-fd-limit`` (the unit's ExecStart, where LimitNOFILE= sets the limit) leaves
+    the soft limit alone; without it primed raises it to the hard one."""
+    path = sock_dir / "fd.sock"
+    flags = ["--keep-fd-limit"] if keep else []
+    process = subprocess.Popen(
+        [sys.executable, "-c", LOW_NOFILE, *primed_command("--socket", str(path), *flags)[1:]],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: can_connect(str(path)) or process.poll() is not None, "primed")
+        assert process.poll() is None
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+    found = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits)
+    assert found is not None, limits
+    soft, hard = int(found[1]), int(found[2])
+    assert soft == (256 if keep else hard)
+    assert hard > 256
 
 
 def test_listen_fds_meant_for_another_process_are_ignored(sock_dir: Path) -> None:

@@ -1,0 +1,106 @@
+"""Serving a socket systemd passed while primed can't start: every client is told why.
+
+A socket-activated daemon that exits at start (a bad configuration file, a
+card node that won't open) does not stop systemd: the client still waiting in
+the socket's queue makes systemd start it again at once, until the start limit
+fails the socket unit and removes its file. So ``primed serve``, when it was
+socket-activated and can't start, serves the socket in this refusing mode
+instead: each client that connects gets, at once and unasked, one ERROR
+(serial 0, code INTERNAL) whose text says what is wrong and where, and is hung
+up on; systemd hears READY=1 with a STATUS= saying the same, and the watchdog
+is fed. SIGHUP (``systemctl reload primed``) ends the mode so that the caller
+can try again; SIGTERM ends it for good.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+
+import trio
+
+from primed import fdpass
+from primed.daemon import systemd
+from primed.errors import ErrorCode, RemoteProtocolError
+from primed.wire import protocol
+from primed.wire.schema import MAX_MESSAGE
+
+log = logging.getLogger("primed")
+
+#: Seconds one refused client may take to be told and hung up on.
+TELL_TIMEOUT = 1.0
+_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def message(problem: str) -> str:
+    """What a refused client reads: the problem, and what mends it."""
+    return f"primed can't serve: {problem}; mend that, then run: systemctl reload primed"
+
+
+async def _tell(sock: trio.socket.SocketType, text: bytes) -> None:
+    with sock, trio.move_on_after(TELL_TIMEOUT):
+        try:
+            await sock.send(text)
+            # Hang up so that the client reads our ERROR first: a socket closed with
+            # unread messages would make its next recv fail with ECONNRESET. So stop it
+            # sending, then drop (and close the fds of) whatever it sent.
+            sock.shutdown(socket.SHUT_RDWR)
+            while True:
+                data, ancdata, msg_flags, _ = await sock.recvmsg(
+                    MAX_MESSAGE, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS
+                )
+                try:
+                    fdpass.close_fds(fdpass.take_fds(ancdata, msg_flags))
+                except RemoteProtocolError:
+                    pass
+                if not data and not ancdata:
+                    return
+        except OSError:
+            pass  # the client went first: nothing to tell
+
+
+async def _accept(listener: trio.socket.SocketType, text: bytes) -> None:
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as e:
+                if e.errno in _BACKOFF_ERRNOS:
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            log.info("told a client that primed can't serve, and hung up")
+            nursery.start_soon(_tell, sock, text)
+
+
+async def refuse(listener: socket.socket, problem: str) -> bool:
+    """Refuse every client on ``listener`` (a listening socket systemd passed) with
+    ``problem``, until SIGHUP (returns True: try to start again) or SIGTERM or SIGINT
+    (returns False). ``listener`` stays open and listening for the caller."""
+    status = f"refusing clients: {problem}; mend that, then run: systemctl reload primed"
+    text = protocol.encode(protocol.Error(ErrorCode.INTERNAL, 0, message(problem)), 0)
+    fdpass.refuse_rights(listener)
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+        systemd.Notifier.from_environment() as notifier,
+        # A duplicate, closed on the way out; the caller serves on the original.
+        trio.socket.from_stdlib_socket(listener.dup()) as sock,
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_accept, sock, text)
+            log.warning("refusing clients until a reload (SIGHUP) mends this: %s", problem)
+            notifier.ready(status)
+            nursery.start_soon(notifier.heartbeat, lambda: status, systemd.watchdog_interval())
+            async for signum in signals:
+                nursery.cancel_scope.cancel()
+                if signum == signal.SIGHUP:
+                    # The READY=1 that ends this reload comes from whoever serves next.
+                    notifier.reloading()
+                    log.info("SIGHUP: trying to start again")
+                    return True
+                log.info("%s: stopping", signal.Signals(signum).name)
+                notifier.stopping()
+                return False
+    raise AssertionError("the signal receiver ended")  # pragma: no cover

@@ -106,6 +106,25 @@ async def recv_async(sock: Any, size: int = MAX_MESSAGE) -> tuple[bytes, list[in
     return _received(data, ancdata, msg_flags)
 
 
+async def hang_up(sock: Any) -> None:
+    """Close our side of a trio socket so that the peer still reads what we sent.
+
+    A socket closed with unread messages makes the peer's next recv fail with
+    ECONNRESET before it reads ours; so stop the peer sending, then drop what it
+    sent (closing any fds in it) until the end of the stream. The caller closes
+    the socket and bounds the wait.
+    """
+    sock.shutdown(socket.SHUT_RDWR)
+    while True:
+        try:
+            data, fds = await recv_async(sock)
+        except RemoteProtocolError:
+            continue  # truncated: what arrived was closed
+        close_fds(fds)
+        if not data and not fds:
+            return
+
+
 def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """Send one datagram with ``fds``; the caller keeps (and closes) its own fds."""
     sock.sendmsg([data], rights(fds))

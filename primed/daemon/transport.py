@@ -20,7 +20,7 @@ import logging
 import socket
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -105,18 +105,10 @@ class Daemon:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept clients on ``listener`` until cancelled."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as e:
-                    if e.errno in _BACKOFF_ERRNOS:
-                        log.warning("accept: %s; pausing before accepting more", e)
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                nursery.start_soon(self.serve_client, LeanSocket(sock))
+        await accept_loop(listener, self._serve_lean, task_status=task_status)
+
+    async def _serve_lean(self, sock: trio.socket.SocketType) -> None:
+        await self.serve_client(LeanSocket(sock))
 
     async def serve_client(self, sock: trio.socket.SocketType) -> None:
         """Serve one connected client until it goes, is dropped, or this is cancelled;
@@ -131,7 +123,7 @@ class Daemon:
                 with trio.move_on_after(self.send_timeout):
                     try:
                         await self._send(sock, refusal.reply, refusal.serial)
-                        await _hang_up(sock)
+                        await fdpass.hang_up(sock)
                     except (OSError, _Drop):
                         pass
                 return
@@ -231,21 +223,27 @@ class Daemon:
         )
 
 
-async def _hang_up(sock: trio.socket.SocketType) -> None:
-    """Let the peer read what was sent before the close.
-
-    A socket closed with unread messages makes the peer's next recv fail with
-    ECONNRESET before it reads ours; so stop the peer sending, then drop what it sent.
-    """
-    sock.shutdown(socket.SHUT_RDWR)
-    while True:
-        try:
-            data, fds = await fdpass.recv_async(sock)
-        except RemoteProtocolError:
-            continue  # truncated: what arrived was closed
-        fdpass.close_fds(fds)
-        if not data and not fds:
-            return
+async def accept_loop(
+    listener: trio.socket.SocketType,
+    serve: Callable[[trio.socket.SocketType], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``listener`` until cancelled, each served by ``serve`` in a
+    task of its own (which closes it). Out of fds or memory (EMFILE, ENFILE, ENOBUFS,
+    ENOMEM), it pauses and goes on rather than dying: the clients being served free some."""
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as e:
+                if e.errno in _BACKOFF_ERRNOS:
+                    log.warning("accept: %s; pausing before accepting more", e)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(serve, sock)
 
 
 def credentials(sock: trio.socket.SocketType) -> Peer:

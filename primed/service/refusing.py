@@ -14,7 +14,7 @@ can try again; SIGTERM ends it for good.
 
 from __future__ import annotations
 
-import errno
+import functools
 import logging
 import signal
 import socket
@@ -22,16 +22,14 @@ import socket
 import trio
 
 from primed import fdpass
-from primed.daemon import systemd
-from primed.errors import ErrorCode, RemoteProtocolError
+from primed.daemon import systemd, transport
+from primed.errors import ErrorCode
 from primed.wire import protocol
-from primed.wire.schema import MAX_MESSAGE
 
 log = logging.getLogger("primed")
 
 #: Seconds one refused client may take to be told and hung up on.
 TELL_TIMEOUT = 1.0
-_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def message(problem: str) -> str:
@@ -39,40 +37,14 @@ def message(problem: str) -> str:
     return f"primed can't serve: {problem}; mend that, then run: systemctl reload primed"
 
 
-async def _tell(sock: trio.socket.SocketType, text: bytes) -> None:
+async def _tell(sock: trio.socket.SocketType, *, text: bytes) -> None:
+    log.info("telling a client that primed can't serve, then hanging up")
     with sock, trio.move_on_after(TELL_TIMEOUT):
         try:
             await sock.send(text)
-            # Hang up so that the client reads our ERROR first: a socket closed with
-            # unread messages would make its next recv fail with ECONNRESET. So stop it
-            # sending, then drop (and close the fds of) whatever it sent.
-            sock.shutdown(socket.SHUT_RDWR)
-            while True:
-                data, ancdata, msg_flags, _ = await sock.recvmsg(
-                    MAX_MESSAGE, fdpass.ANCILLARY_SPACE, fdpass.RECV_FLAGS
-                )
-                try:
-                    fdpass.close_fds(fdpass.take_fds(ancdata, msg_flags))
-                except RemoteProtocolError:
-                    pass
-                if not data and not ancdata:
-                    return
+            await fdpass.hang_up(sock)  # so that the client reads our ERROR first
         except OSError:
             pass  # the client went first: nothing to tell
-
-
-async def _accept(listener: trio.socket.SocketType, text: bytes) -> None:
-    async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as e:
-                if e.errno in _BACKOFF_ERRNOS:
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            log.info("told a client that primed can't serve, and hung up")
-            nursery.start_soon(_tell, sock, text)
 
 
 async def refuse(listener: socket.socket, problem: str) -> bool:
@@ -89,7 +61,7 @@ async def refuse(listener: socket.socket, problem: str) -> bool:
         trio.socket.from_stdlib_socket(listener.dup()) as sock,
     ):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept, sock, text)
+            nursery.start_soon(transport.accept_loop, sock, functools.partial(_tell, text=text))
             log.warning("refusing clients until a reload (SIGHUP) mends this: %s", problem)
             notifier.ready(status)
             nursery.start_soon(notifier.heartbeat, lambda: status, systemd.watchdog_interval())

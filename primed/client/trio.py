@@ -130,7 +130,12 @@ class AsyncClient:
                     self._wake(core.receive(data, fds))
                 await self._flush()
         finally:
-            self._wake_all()  # the core failed every call in flight, or _close() will
+            # Cancelled (the block is exiting) or done: fail what is in flight before
+            # waking its waiters, so that each wakes to ConnectionLost, not to a call
+            # with no answer (trio may run a woken waiter before _close()).
+            if core.broken is None:
+                core.fail(ConnectionLost("the connection was closed"))
+            self._wake_all()
 
     def _wake_all(self) -> None:
         for done in self._events.values():

@@ -15,7 +15,7 @@ import trio.testing
 import primed
 from primed import fdpass
 from primed.wire import protocol
-from primed.wire.protocol import BufferInfo, Welcome
+from primed.wire.protocol import Allocated, BufferInfo, Released, Welcome
 from primed.wire.schema import VERSION, Backend
 
 XR24 = 0x34325258
@@ -106,3 +106,24 @@ async def test_waiter_gets_connection_lost_when_the_block_exits(tmp_path: Path) 
         with trio.fail_after(5):
             await finished.wait()
     assert len(got) == 1 and isinstance(got[0], primed.ConnectionLost), got
+
+
+async def test_give_back_does_not_stall_the_reader_on_a_full_socket(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon):
+        abandoned = await client.start_allocate(16, 16)
+        with trio.move_on_after(0) as scope:
+            await abandoned.wait()
+        assert scope.cancelled_caught
+        waited = await client.start_release(9)
+        serial_a, _ = await daemon.read()
+        serial_w, _ = await daemon.read()
+        _fill(client)  # the daemon reads no more: the RELEASE it would get can't go out
+        fd = os.memfd_create("given back", os.MFD_CLOEXEC)
+        try:
+            await daemon.answer(serial_a, Allocated(1, 0, (_info(1),)), [fd])
+        finally:
+            os.close(fd)
+        await daemon.answer(serial_w, Released(1))
+        # Only the reader can read this answer: it must not be stuck sending.
+        with trio.fail_after(5):
+            assert await waited.wait() == 1

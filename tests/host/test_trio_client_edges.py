@@ -108,6 +108,53 @@ async def test_waiter_gets_connection_lost_when_the_block_exits(tmp_path: Path) 
     assert len(got) == 1 and isinstance(got[0], primed.ConnectionLost), got
 
 
+async def test_cancelled_open_shared_sends_no_release_of_id_0(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon):
+        scope = trio.CancelScope()
+
+        async def opener() -> None:
+            with scope:
+                await client.open_shared("00" * 16)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opener)
+            serial, request = await daemon.read()
+            assert isinstance(request, protocol.OpenShared)
+            scope.cancel()  # in flight: sent, not answered
+        assert scope.cancelled_caught
+        fd = os.memfd_create("opened", os.MFD_CLOEXEC)
+        try:
+            await daemon.answer(serial, Allocated(1, 0, (_info(0),)), [fd])
+        finally:
+            os.close(fd)
+        before = len(os.listdir("/proc/self/fd"))
+        await client.start_release(7)  # the next datagram the daemon gets: no RELEASE of 0
+        _, after = await daemon.read()
+        assert after == protocol.Release((7,)), after
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(os.listdir("/proc/self/fd")) <= before  # the opened fd was closed
+
+
+async def test_request_cancelled_before_it_was_sent_is_forgotten(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, _):
+        _fill(client)
+        pending = client._core.pending
+        scope = trio.CancelScope()
+
+        async def allocator() -> None:
+            with scope:
+                await client.allocate(16, 16)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(allocator)
+            await trio.testing.wait_all_tasks_blocked()  # on the full socket: never sent
+            scope.cancel()
+        assert scope.cancelled_caught
+        assert client._core.pending == pending
+        assert client._events == {}
+        assert client._core.data_to_send() == []
+
+
 async def test_give_back_does_not_stall_the_reader_on_a_full_socket(tmp_path: Path) -> None:
     async with scripted(tmp_path) as (client, daemon):
         abandoned = await client.start_allocate(16, 16)

@@ -107,7 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
 
     dump = commands.add_parser("dump", help="write a buffer's pixels as a PNG")
-    dump.add_argument("target", metavar="BUFFER_OR_TOKEN", help="a share token, or CLIENT:ID")
+    dump.add_argument(
+        "target",
+        nargs="?",
+        metavar="CLIENT:ID|-",
+        help="a buffer as CLIENT:ID, or - to read a share token from stdin; with neither, "
+        "the token comes from --token-file or $PRIMED_TOKEN (a token here works, but "
+        "every user can read it)",
+    )
+    dump.add_argument("--token-file", metavar="PATH", help="read the share token from PATH")
     dump.add_argument("--png", required=True, metavar="FILE")
     dump.add_argument("--socket", help=socket_help)
     return parser
@@ -365,15 +373,57 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Said when a share token is given on the command line, where it is no secret.
+ARGV_TOKEN_WARNING = (
+    "primed dump: warning: a token on the command line can be read by every user "
+    "(/proc/PID/cmdline) and may stay in shell history; pass - and the token on stdin, "
+    "--token-file PATH or $PRIMED_TOKEN instead"
+)
+
+
+def _dump_target(args: argparse.Namespace) -> tuple[int, int] | str:
+    """What ``primed dump`` is to open: (client, id), or a share token's text.
+
+    The token comes from exactly one place: stdin (target ``-``), --token-file, the
+    command line (with a warning), or else $PRIMED_TOKEN. Raises ValueError if it
+    comes from two, or from none.
+    """
+    target: str | None = args.target
+    if target is not None and target != "-":
+        client_number, sep, ident = target.partition(":")
+        if sep:
+            if args.token_file is not None:
+                raise ValueError("give CLIENT:ID or --token-file, not both")
+            return int(client_number), int(ident)
+    if target is not None and args.token_file is not None:
+        raise ValueError("give the token once: on stdin (-), in --token-file, or in $PRIMED_TOKEN")
+    if target == "-":
+        return sys.stdin.readline().strip()
+    if args.token_file is not None:
+        with open(args.token_file, encoding="ascii") as f:
+            return f.readline().strip()
+    if target is not None:
+        # Still accepted (scripts rely on it, and a token is revocable and may be
+        # once-only), but the user should know it is on display to everyone.
+        print(ARGV_TOKEN_WARNING, file=sys.stderr)
+        return target
+    token = os.environ.get("PRIMED_TOKEN")
+    if not token:
+        raise ValueError(
+            "no buffer given: CLIENT:ID, - (token on stdin), --token-file or $PRIMED_TOKEN"
+        )
+    return token.strip()
+
+
 def _dump(args: argparse.Namespace) -> int:
     from primed.cli import png
 
+    target = _dump_target(args)  # before connecting: a bad invocation costs the daemon nothing
     with connect(args.socket, name="primed dump") as client:
-        client_number, sep, ident = args.target.partition(":")
-        if sep:
-            buffer = client.open_buffer(int(client_number), int(ident))
+        if isinstance(target, tuple):
+            buffer = client.open_buffer(*target)
         else:
-            buffer = client.open_shared(args.target)
+            buffer = client.open_shared(target)
     with buffer, buffer.map(write=False) as pixels:
         planes = tuple((p.offset, p.pitch) for p in buffer.planes)
         image = png.from_pixels(pixels, buffer.width, buffer.height, buffer.fourcc, planes)

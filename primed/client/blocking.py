@@ -2,6 +2,12 @@
 
 Every protocol rule lives in :class:`primed.client.core.ClientConnection`; this
 module only sends its datagrams and feeds it what the socket receives.
+
+Time: :func:`connect` bounds the wait for the WELCOME (:data:`HANDSHAKE_TIMEOUT`
+unless told otherwise), and ``timeout=`` there becomes the bound of every later
+wait. A wait that runs out raises :class:`Timeout` and breaks the connection:
+the answer may still come, and a reply to a request nobody tracks any more would
+be taken for another's, so later calls raise ConnectionLost.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Generic, TypeVar
@@ -21,6 +28,7 @@ from primed.client.core import (
     Offer,
     Page,
     ServerInfo,
+    Timeout,
     buffer_ids,
     socket_path,
 )
@@ -29,6 +37,17 @@ from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
 
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
+
+#: How long :func:`connect` waits for the daemon's WELCOME unless given a timeout:
+#: a daemon that accepts and then says nothing is stuck, or not primed.
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class _Unset:
+    """The type of connect()'s default timeout (None means "no bound")."""
+
+
+_UNSET = _Unset()
 
 
 def _default_name() -> str:
@@ -49,12 +68,18 @@ class Pending(Generic[T]):
         """The request's serial."""
         return self._call.serial
 
-    def wait(self) -> T:
+    def wait(self, timeout: float | _Unset | None = _UNSET) -> T:
         """Read replies until this one has come; return its result or raise its error.
 
         Replies to other pending requests that arrive first are kept for them.
+        ``timeout`` (seconds; None: none) bounds the wait, by default as the
+        connection's does; past it, raises :class:`primed.Timeout` and the
+        connection is unusable. Waiting again returns the same result (the same
+        Buffer objects, already the caller's) or raises the same error.
         """
-        return self._client._wait(self._call)
+        return self._client._wait(
+            self._call, self._client._timeout if isinstance(timeout, _Unset) else timeout
+        )
 
 
 class Client:
@@ -65,10 +90,20 @@ class Client:
     :class:`Pending` objects later, in any order.
     """
 
-    def __init__(self, sock: socket.socket, name: str | None = None):
+    def __init__(
+        self,
+        sock: socket.socket,
+        name: str | None = None,
+        timeout: float | _Unset | None = _UNSET,
+    ):
         self._sock = sock
         self._core = ClientConnection(_default_name() if name is None else name)
-        self.info: ServerInfo = self._call(self._core.hello())
+        handshake = HANDSHAKE_TIMEOUT if isinstance(timeout, _Unset) else timeout
+        #: The bound of every call's wait, in seconds; None: none.
+        self._timeout = None if isinstance(timeout, _Unset) else timeout
+        call = self._core.hello()
+        self._send(call.data)
+        self.info: ServerInfo = self._wait(call, handshake)
 
     def _send(self, data: bytes) -> None:
         try:
@@ -82,24 +117,37 @@ class Client:
         # __orig_class__ on a slotted object) on every request.
         return Pending(self, call)
 
-    def _wait(self, call: Call[T]) -> T:
+    def _wait(self, call: Call[T], timeout: float | None) -> T:
         core = self._core
-        while not call.done:
-            try:
-                data, fds = fdpass.recv(self._sock)
-            except fdpass.Truncated as e:
-                core.truncated(e)
-            except OSError as e:
-                core.fail(ConnectionLost(f"the daemon closed the connection: {e}"))
-            else:
-                core.receive(data, fds)
-            for datagram in core.data_to_send():
-                self._send(datagram)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not call.done:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        core.fail(Timeout(f"no answer to request {call.serial} in {timeout} s"))
+                        break
+                    self._sock.settimeout(left)
+                try:
+                    data, fds = fdpass.recv(self._sock)
+                except fdpass.Truncated as e:
+                    core.truncated(e)
+                except TimeoutError:
+                    core.fail(Timeout(f"no answer to request {call.serial} in {timeout} s"))
+                except OSError as e:
+                    core.fail(ConnectionLost(f"the daemon closed the connection: {e}"))
+                else:
+                    core.receive(data, fds)
+                for datagram in core.data_to_send():
+                    self._send(datagram)
+        finally:
+            if deadline is not None:
+                self._sock.settimeout(None)
         return core.take(call)
 
     def _call(self, call: Call[T]) -> T:
         self._send(call.data)
-        return self._wait(call)
+        return self._wait(call, self._timeout)
 
     def start_allocate(
         self, width: int, height: int, format: str | int = "XR24"
@@ -229,10 +277,17 @@ class Client:
         self.close()
 
 
-def connect(path: str | None = None, *, name: str | None = None) -> Client:
+def connect(
+    path: str | None = None, *, name: str | None = None, timeout: float | _Unset | None = _UNSET
+) -> Client:
     """Connect to the daemon at ``path`` (default: $PRIMED_SOCKET, else
-    /run/primed/primed.sock) and shake hands. Raises OSError if nothing listens,
-    ServerError if the daemon refuses this client.
+    /run/primed/primed.sock) and shake hands.
+
+    ``timeout`` (seconds) bounds the wait for the WELCOME and, from then on, every
+    call's wait; None waits for ever. Left out, the WELCOME gets
+    :data:`HANDSHAKE_TIMEOUT` and calls no bound. Raises OSError if nothing
+    listens, ServerError if the daemon refuses this client, :class:`Timeout` if it
+    does not answer in time.
     """
     where = socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -241,7 +296,7 @@ def connect(path: str | None = None, *, name: str | None = None) -> Client:
             sock.connect(where)
         except OSError as e:  # connect() names no path: say which socket was tried
             raise OSError(e.errno, e.strerror, where) from None
-        return Client(sock, name)
+        return Client(sock, name, timeout)
     except BaseException:
         sock.close()
         raise

@@ -73,6 +73,14 @@ _HEADER = schema.fixed(schema.HEADER)
 _LAST_SERIAL = 0xFFFFFFFF
 
 
+class Timeout(PrimedError, TimeoutError):
+    """No answer came in the time allowed (see :func:`primed.connect`'s ``timeout``).
+
+    The connection is unusable from then on (later calls raise ConnectionLost):
+    the answer may still come, and nothing would tell it from a later one's.
+    Also a TimeoutError (an OSError)."""
+
+
 def socket_path(path: str | None = None) -> str:
     """``path``, else $PRIMED_SOCKET, else DEFAULT_SOCKET."""
     return path or os.environ.get("PRIMED_SOCKET") or DEFAULT_SOCKET
@@ -663,6 +671,7 @@ __all__ = [
     "Offer",
     "Page",
     "ServerInfo",
+    "Timeout",
     "buffer_from",
     "buffer_ids",
     "socket_path",

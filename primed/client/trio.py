@@ -4,7 +4,8 @@ Every protocol rule lives in :class:`primed.client.core.ClientConnection`. Here 
 reader task feeds it what the socket receives and wakes the task waiting on each
 completed request; requesting tasks send under one lock. A task cancelled while
 its request is in flight abandons it: when the answer comes, its buffers are
-closed and released (the core says so, and the reader sends the RELEASE).
+closed and released (the core says so, and a task of its own sends the RELEASE,
+so that the reader never waits on the socket's send side).
 """
 
 from __future__ import annotations
@@ -101,8 +102,7 @@ class AsyncClient:
         except BaseException:
             self._core.abandon(call)
             # If the answer had come already, its RELEASE is queued now: send it.
-            if self._nursery is not None:
-                self._nursery.start_soon(self._flush)
+            self._hand_off(self._core.data_to_send())
             raise
         return self._core.take(call)
 
@@ -128,9 +128,14 @@ class AsyncClient:
                     self._wake(core.fail(ConnectionLost(f"the daemon closed the connection: {e}")))
                 else:
                     self._wake(core.receive(data, fds))
-                await self._flush()
+                self._hand_off(core.data_to_send())
         finally:
-            self._wake_all()  # the core failed every call in flight, or _close() will
+            # Cancelled (the block is exiting) or done: fail what is in flight before
+            # waking its waiters, so that each wakes to ConnectionLost, not to a call
+            # with no answer (trio may run a woken waiter before _close()).
+            if core.broken is None:
+                core.fail(ConnectionLost("the connection was closed"))
+            self._wake_all()
 
     def _wake_all(self) -> None:
         for done in self._events.values():
@@ -142,12 +147,21 @@ class AsyncClient:
         self._core.close()
         self._wake_all()
 
-    async def _flush(self) -> None:
-        outgoing = self._core.data_to_send()
-        if outgoing:
-            async with self._send_lock:
-                for datagram in outgoing:
-                    await self._send(datagram)
+    def _hand_off(self, outgoing: list[bytes]) -> None:
+        """Send the core's own datagrams (give-back RELEASEs) from a task of their own.
+
+        Never from the reader: sending may block on a full socket, under the send
+        lock, and a task waiting for an answer that only the reader can read would
+        then wait for ever while the daemon waits for us to read.
+        """
+        if outgoing and self._nursery is not None:
+            self._nursery.start_soon(self._send_all, outgoing)
+        # With no nursery the connection is closing: the daemon frees them itself.
+
+    async def _send_all(self, outgoing: list[bytes]) -> None:
+        async with self._send_lock:
+            for datagram in outgoing:
+                await self._send(datagram)
 
     # --- requests ---------------------------------------------------------------------------
 

@@ -242,3 +242,56 @@ def test_dump_refuses_a_format_it_cannot_draw(shared: Daemon, tmp_path: Path) ->
             "dump", client.share(buf), "--png", str(tmp_path / "x.png"), "--socket", shared.socket
         )
         assert done.returncode == 1 and "can't draw P010" in done.stderr
+
+
+def _dump_cli(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "primed", "dump", *args],
+        input=stdin,
+        env={**{k: v for k, v in os.environ.items() if k != "PRIMED_TOKEN"}, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("way", ["stdin", "file", "env", "argv"])
+def test_dump_takes_the_token_off_the_command_line(
+    shared: Daemon, tmp_path: Path, way: str
+) -> None:
+    out = tmp_path / "dump.png"
+    with primed.connect(shared.socket) as client, client.allocate(4, 2) as buf:
+        token = client.share(buf)
+        common = ("--png", str(out), "--socket", shared.socket)
+        secret = tmp_path / "token"
+        secret.write_text(token + "\n")
+        done = {
+            "stdin": lambda: _dump_cli("-", *common, stdin=token + "\n"),
+            "file": lambda: _dump_cli("--token-file", str(secret), *common),
+            "env": lambda: _dump_cli(*common, env={"PRIMED_TOKEN": token}),
+            "argv": lambda: _dump_cli(token, *common),
+        }[way]()
+        assert done.returncode == 0, done.stderr
+        assert read_png(out.read_bytes())[:2] == (4, 2)
+        warned = "can be read by every user" in done.stderr
+        assert warned == (way == "argv"), done.stderr
+
+
+def test_dump_by_client_and_id_needs_no_token(shared: Daemon, tmp_path: Path) -> None:
+    with primed.connect(shared.socket, name="owner") as client, client.allocate(4, 2) as buf:
+        number = next(c.number for c in client.clients() if c.name == "owner")
+        out = tmp_path / "dump.png"
+        done = _dump_cli(f"{number}:{buf.id}", "--png", str(out), "--socket", shared.socket)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_dump_wants_the_token_from_exactly_one_place(shared: Daemon, tmp_path: Path) -> None:
+    common = ("--png", str(tmp_path / "x.png"), "--socket", shared.socket)
+    (tmp_path / "token").write_text("00" * 16)
+    nothing = _dump_cli(*common)
+    assert nothing.returncode == 1 and "no buffer given" in nothing.stderr
+    twice = _dump_cli("-", "--token-file", str(tmp_path / "token"), *common, stdin="00" * 16)
+    assert twice.returncode == 1 and "give the token once" in twice.stderr

@@ -1,0 +1,176 @@
+"""The trio client's edge paths, against a scripted daemon: one that answers only
+what the test says, when the test says, so each edge happens for certain."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+import trio.testing
+
+import primed
+from primed import fdpass
+from primed.wire import protocol
+from primed.wire.protocol import Allocated, BufferInfo, Released, Welcome
+from primed.wire.schema import VERSION, Backend
+
+XR24 = 0x34325258
+
+
+class Scripted:
+    """The daemon's end of one accepted connection, driven by the test."""
+
+    def __init__(self, sock: trio.socket.SocketType):
+        self.sock = sock
+
+    async def read(self) -> tuple[int, protocol.Message]:
+        """The next request (serial, message); fds sent with it are closed."""
+        with trio.fail_after(5):
+            data, fds = await fdpass.recv_async(self.sock)
+        fdpass.close_fds(fds)
+        return protocol.decode(data, len(fds), "request")
+
+    async def answer(
+        self, serial: int, reply: protocol.Reply, fds: list[int] | None = None
+    ) -> None:
+        with trio.fail_after(5):
+            await self.sock.sendmsg([protocol.encode(reply, serial)], fdpass.rights(fds or []))
+
+
+def _info(ident: int) -> BufferInfo:
+    return BufferInfo(ident, 16, 16, XR24, 0, 4096, ((0, 64),))
+
+
+@asynccontextmanager
+async def scripted(tmp_path: Path) -> AsyncIterator[tuple[primed.AsyncClient, Scripted]]:
+    """A trio client connected to a scripted daemon that has welcomed it."""
+    path = str(tmp_path / "scripted.sock")
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with listener:
+        await listener.bind(path)
+        listener.listen(1)
+        async with trio.open_nursery() as nursery:
+            accepted: list[Scripted] = []
+
+            async def greet() -> None:
+                sock, _ = await listener.accept()
+                daemon = Scripted(sock)
+                accepted.append(daemon)
+                serial, hello = await daemon.read()
+                assert isinstance(hello, protocol.Hello)
+                welcome = Welcome(VERSION, Backend.MEMFD, 4096, 4096, 1 << 24, 16)
+                await daemon.answer(serial, welcome)
+
+            nursery.start_soon(greet)
+            async with primed.connect_async(path) as client:
+                with accepted[0].sock:
+                    yield client, accepted[0]
+
+
+def _fill(client: primed.AsyncClient) -> int:
+    """Fill the client's socket until a send would block (the daemon reads none of
+    it); returns how many datagrams that took."""
+    raw = socket.socket(fileno=os.dup(client._sock.fileno()))
+    with raw:
+        raw.setblocking(False)
+        sent = 0
+        try:
+            while True:
+                raw.send(protocol.encode(protocol.Query(), 0xFFFF0000 + sent))
+                sent += 1
+        except BlockingIOError:
+            return sent
+
+
+async def test_waiter_gets_connection_lost_when_the_block_exits(tmp_path: Path) -> None:
+    got: list[BaseException] = []
+    finished = trio.Event()
+
+    async def waiter(client: primed.AsyncClient) -> None:
+        try:
+            await client.query()  # never answered
+        except BaseException as e:
+            got.append(e)
+        finally:
+            finished.set()
+
+    async with trio.open_nursery() as outer:
+        async with scripted(tmp_path) as (client, daemon):
+            outer.start_soon(waiter, client)
+            _, query = await daemon.read()
+            assert isinstance(query, protocol.Query)
+        with trio.fail_after(5):
+            await finished.wait()
+    assert len(got) == 1 and isinstance(got[0], primed.ConnectionLost), got
+
+
+async def test_cancelled_open_shared_sends_no_release_of_id_0(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon):
+        scope = trio.CancelScope()
+
+        async def opener() -> None:
+            with scope:
+                await client.open_shared("00" * 16)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opener)
+            serial, request = await daemon.read()
+            assert isinstance(request, protocol.OpenShared)
+            scope.cancel()  # in flight: sent, not answered
+        assert scope.cancelled_caught
+        fd = os.memfd_create("opened", os.MFD_CLOEXEC)
+        try:
+            await daemon.answer(serial, Allocated(1, 0, (_info(0),)), [fd])
+        finally:
+            os.close(fd)
+        before = len(os.listdir("/proc/self/fd"))
+        await client.start_release(7)  # the next datagram the daemon gets: no RELEASE of 0
+        _, after = await daemon.read()
+        assert after == protocol.Release((7,)), after
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(os.listdir("/proc/self/fd")) <= before  # the opened fd was closed
+
+
+async def test_request_cancelled_before_it_was_sent_is_forgotten(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, _):
+        _fill(client)
+        pending = client._core.pending
+        scope = trio.CancelScope()
+
+        async def allocator() -> None:
+            with scope:
+                await client.allocate(16, 16)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(allocator)
+            await trio.testing.wait_all_tasks_blocked()  # on the full socket: never sent
+            scope.cancel()
+        assert scope.cancelled_caught
+        assert client._core.pending == pending
+        assert client._events == {}
+        assert client._core.data_to_send() == []
+
+
+async def test_give_back_does_not_stall_the_reader_on_a_full_socket(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon):
+        abandoned = await client.start_allocate(16, 16)
+        with trio.move_on_after(0) as scope:
+            await abandoned.wait()
+        assert scope.cancelled_caught
+        waited = await client.start_release(9)
+        serial_a, _ = await daemon.read()
+        serial_w, _ = await daemon.read()
+        _fill(client)  # the daemon reads no more: the RELEASE it would get can't go out
+        fd = os.memfd_create("given back", os.MFD_CLOEXEC)
+        try:
+            await daemon.answer(serial_a, Allocated(1, 0, (_info(1),)), [fd])
+        finally:
+            os.close(fd)
+        await daemon.answer(serial_w, Released(1))
+        # Only the reader can read this answer: it must not be stuck sending.
+        with trio.fail_after(5):
+            assert await waited.wait() == 1

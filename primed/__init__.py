@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from primed.client.blocking import Client, Pending, connect
 from primed.client.buffer import Buffer, Mapping
-from primed.client.core import DEFAULT_SOCKET, Offer, ServerInfo, Timeout
+from primed.client.core import DEFAULT_SOCKET, Offer, ServerInfo
 from primed.client.device import BufferLayout, Device, Framebuffer, Import
 from primed.client.direct import recv_buffer, recv_buffer_async, send_buffer, send_buffer_async
 from primed.client.trio import AsyncClient, AsyncPending, connect_async
@@ -36,6 +36,7 @@ from primed.errors import (
     ProtocolError,
     RemoteProtocolError,
     ServerError,
+    Timeout,
     UnknownFormat,
 )
 from primed.fdpass import Truncated

@@ -75,6 +75,14 @@ class ConnectionLost(PrimedError, ConnectionError):
     was used after it had failed. Also a ConnectionError (an OSError)."""
 
 
+class Timeout(PrimedError, TimeoutError):
+    """No answer came in the time allowed (see :func:`primed.connect`'s ``timeout``).
+
+    The connection is unusable from then on (later calls raise ConnectionLost):
+    the answer may still come, and nothing would tell it from a later one's.
+    Also a TimeoutError (an OSError)."""
+
+
 class ServerError(PrimedError):
     """The daemon answered a request with an Error reply.
 

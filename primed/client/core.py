@@ -37,6 +37,7 @@ from primed.errors import (
     LocalProtocolError,
     PrimedError,
     RemoteProtocolError,
+    Timeout,
     server_error,
 )
 from primed.fdpass import Truncated, close_fds
@@ -71,14 +72,6 @@ E = TypeVar("E", ClientEntry, BufferEntry)
 
 _HEADER = schema.fixed(schema.HEADER)
 _LAST_SERIAL = 0xFFFFFFFF
-
-
-class Timeout(PrimedError, TimeoutError):
-    """No answer came in the time allowed (see :func:`primed.connect`'s ``timeout``).
-
-    The connection is unusable from then on (later calls raise ConnectionLost):
-    the answer may still come, and nothing would tell it from a later one's.
-    Also a TimeoutError (an OSError)."""
 
 
 def socket_path(path: str | None = None) -> str:

@@ -430,6 +430,15 @@ def test_notify_ready_reload_stop(sock_dir: Path, notify: Notifications) -> None
         notify.expect("RELOADING")
         assert notify.expect("READY")["STATUS"].endswith("; last reload refused, see the log")
         assert "limits.max_width: -1 is not within" in daemon.log()
+
+        config.write_bytes(b"[limits]\nmax_width = 100 # \xff\n")  # not UTF-8
+        daemon.process.send_signal(signal.SIGHUP)
+        notify.expect("RELOADING")
+        assert notify.expect("READY")["STATUS"].endswith("; last reload refused, see the log")
+        assert f"{config}: not valid TOML: not UTF-8: byte 0xff" in daemon.log()
+        assert daemon.process.poll() is None
+        with primed.connect(daemon.socket) as client:
+            assert client.info.limits.max_width == 100  # the running configuration stays
     finally:
         log = daemon.stop()
     assert notify.expect("STOPPING") == {"STOPPING": "1", "STATUS": "stopping"}

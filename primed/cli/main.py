@@ -166,12 +166,12 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("configuration: %s", path or f"the defaults (there is no {conf.DEFAULT_PATH})")
 
     def reload() -> tuple[formats.Limits, Policy]:
-        nonlocal config
         new = conf.load(path or conf.default_path(None), overrides)
-        for key in conf.restart_needed(config, new):
+        # Against what runs (the configuration started with), not the last file read:
+        # the warning holds on every reload until the file matches again.
+        for key in conf.restart_needed(config, new, backend.node):
             log.warning("reload: %s changed; that takes a restart", key)
         logsetup.setup(new.log_level)
-        config = new
         return new.limits, new.policy
 
     socket = config.socket_path

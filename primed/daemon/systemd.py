@@ -115,14 +115,32 @@ class Notifier:
     The address is a path, or an abstract socket written with a leading '@'.
     A message that can't be sent is logged, never raised: systemd's state is
     not worth the daemon's life.
+
+    Sending never waits: the socket is non-blocking, because a send that waited
+    for room in systemd's queue would stall every task of the event loop. A
+    message that can't go at once is dropped and counted in :attr:`dropped`; the
+    first of a run of failures is logged, and so is the send that ends the run.
+    sd_notify(3) lets a service lose these, with one exception kept here:
+    READY=1, whose loss would make systemd kill a Type=notify service at
+    TimeoutStartSec=. A READY=1 that can't go is kept, and :meth:`heartbeat`
+    tries it again (10 ms, then backing off to 1 s) until it goes or a newer one
+    replaces it; messages sent meanwhile are dropped, so none overtakes it.
+    STOPPING=1 is dropped like any other: systemd learns of the stop when the
+    process exits.
     """
 
-    #: How long a send may wait for room in systemd's queue.
-    TIMEOUT = 1.0
+    #: The first wait before a kept READY=1 is tried again, and the longest.
+    RETRY_FIRST = 0.01
+    RETRY_MAX = 1.0
 
     def __init__(self, address: str | None):
         self.address: str | None = None
         self._sock: socket.socket | None = None
+        #: Messages dropped so far.
+        self.dropped = 0
+        self._failing = False  # within a run of failed sends, logged at its start
+        self._kept: bytes | None = None  # a READY=1 message not yet sent
+        self._woken = trio.Event()  # set when a READY=1 is kept, for heartbeat
         if not address:
             return
         if address.startswith("@"):
@@ -132,8 +150,9 @@ class Notifier:
         else:
             log.warning("NOTIFY_SOCKET=%r: not a path or an abstract address; ignored", address)
             return
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.settimeout(self.TIMEOUT)
+        self._sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
 
     @classmethod
     def from_environment(cls) -> Notifier:
@@ -143,15 +162,59 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
+    @property
+    def pending(self) -> bool:
+        """Whether a READY=1 waits to be sent again."""
+        return self._kept is not None
+
     def notify(self, *fields: str) -> bool:
-        """Send ``fields`` ("READY=1", "STATUS=...") as one message; True if it was sent."""
-        if self._sock is None or self.address is None:
+        """Send ``fields`` ("READY=1", "STATUS=...") as one message at once; True if it
+        was sent. Never waits; see the class for what happens to one that can't go."""
+        if self._sock is None:
             return False
+        message = "\n".join(fields).encode()
+        ready = "READY=1" in fields
+        if self._kept is not None and not ready and not self._retry():
+            self.dropped += 1  # behind a READY=1 that still waits
+            return False
+        if self._send(message, fields[0].partition("=")[0]):
+            if ready:
+                self._kept = None
+            return True
+        if ready:
+            self._kept = message
+            self._woken.set()
+        else:
+            self.dropped += 1
+        return False
+
+    def _retry(self) -> bool:
+        """Try the kept READY=1 once more; True once it is sent."""
+        assert self._kept is not None
+        if not self._send(self._kept, "READY"):
+            return False
+        self._kept = None
+        return True
+
+    def _send(self, message: bytes, what: str) -> bool:
+        assert self._sock is not None and self.address is not None
         try:
-            self._sock.sendto("\n".join(fields).encode(), self.address)
+            self._sock.sendto(message, self.address)
         except OSError as e:
-            log.warning("sd_notify %s: %s", fields[0].partition("=")[0], e)
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "sd_notify %s: %s; notifications are dropped until systemd takes them "
+                    "again (READY=1 is kept and retried)",
+                    what,
+                    e,
+                )
             return False
+        if self._failing:
+            self._failing = False
+            log.info(
+                "sd_notify: systemd takes notifications again; %d dropped so far", self.dropped
+            )
         return True
 
     def ready(self, status: str) -> None:
@@ -166,22 +229,37 @@ class Notifier:
 
     async def heartbeat(self, status: Callable[[], str], watchdog: float | None) -> None:
         """Until cancelled: WATCHDOG=1 every half ``watchdog`` seconds (as sd_watchdog_enabled(3)
-        advises), and STATUS= whenever ``status()`` has changed since it was last sent."""
+        advises), STATUS= whenever ``status()`` has changed since it was last sent, and a
+        kept READY=1 again until it goes."""
         if self._sock is None:
             return
         period = watchdog / 2 if watchdog else 5.0
         last = status()
-        deadline = trio.current_time()
+        beat = trio.current_time() + period
+        backoff = self.RETRY_FIRST
         while True:
-            deadline += period
-            await trio.sleep_until(deadline)
+            wake = beat
+            if self._kept is not None:
+                wake = min(beat, trio.current_time() + backoff)
+            with trio.move_on_at(wake):
+                await self._woken.wait()
+            if self._woken.is_set():  # a READY=1 was kept just now: try it at once
+                self._woken = trio.Event()
+                backoff = self.RETRY_FIRST
+            elif self._kept is not None:
+                backoff = min(backoff * 2, self.RETRY_MAX)
+            if self._kept is not None and self._retry():
+                backoff = self.RETRY_FIRST
+            if trio.current_time() < beat:
+                continue
+            beat += period
             fields = ["WATCHDOG=1"] if watchdog else []
             now = status()
             if now != last:
                 fields.append(f"STATUS={now}")
+            # A STATUS= dropped is sent again at the next beat.
+            if fields and self.notify(*fields):
                 last = now
-            if fields:
-                self.notify(*fields)
 
     def close(self) -> None:
         if self._sock is not None:

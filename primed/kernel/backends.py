@@ -108,7 +108,9 @@ class MemfdBackend:
     """Sealed memfds laid out like dumb buffers: CPU-only sharing, no DRM device needed.
 
     The seals forbid resizing, so no holder can shrink a buffer under another's
-    mapping (SIGBUS); writing stays allowed, as with a dma-buf.
+    mapping (SIGBUS); writing stays allowed, as with a dma-buf. Each export is
+    an open file description of its own, so no holder's fcntl(F_SETFL) reaches
+    another holder.
     """
 
     kind = Backend.MEMFD
@@ -137,9 +139,14 @@ class MemfdBackend:
                 os.close(fd)
 
     def export(self, allocation: Allocation) -> int:
+        # Reopened, not dup()ed: a dup shares one open file description, whose
+        # status flags any holder may change (O_APPEND turns every other holder's
+        # pwrite into an append past the sealed end: EPERM). Each delivery gets
+        # its own description; the seals belong to the inode and bind them all.
         try:
-            return os.dup(allocation.ref)
+            return os.open(f"/proc/self/fd/{allocation.ref}", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
+            # Still named "dup" (a dup of the file, not of the fd): the text clients see.
             raise KernelError(e.errno or errno.EIO, "dup") from None
 
     def free(self, allocation: Allocation) -> None:

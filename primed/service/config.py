@@ -325,6 +325,19 @@ def default_path(path: str | None) -> str | None:
     return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
 
 
-def restart_needed(old: Config, new: Config) -> list[str]:
-    """The keys whose change a reload cannot apply (RESTART_KEYS that differ)."""
-    return [key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+def restart_needed(running: Config, new: Config, node: str | None = None) -> list[str]:
+    """The RESTART_KEYS in which ``new`` differs from what runs.
+
+    ``running`` is the configuration the daemon started with, not the last one a
+    reload read: a reload applies none of these keys, so a change stays to be
+    warned of on every reload until the file matches what runs again. ``node``
+    is the card node the daemon opened, if any: a ``device`` naming it is no
+    change, though the daemon was started without one (and picked it).
+    """
+    changed = []
+    for key in RESTART_KEYS:
+        if key == "device" and node and new.device == node:
+            continue
+        if getattr(running, key) != getattr(new, key):
+            changed.append(key)
+    return changed

@@ -250,3 +250,32 @@ def test_reload_keeps_clients_and_applies_the_new_file(spawn: StartDaemon, sock_
         assert "reload: device changed; that takes a restart" in daemon.log()
         client.release(*client.allocate_many(1, 1, "XR24", 10))  # the quota went with its key
     assert can_connect(daemon.socket)
+
+
+def test_a_restart_warning_holds_until_the_file_matches_what_runs(
+    spawn: StartDaemon, sock_dir: Path
+) -> None:
+    """A reload applies no device change, so each reload compares against the device
+    the daemon started with, not against the file read last."""
+    path = write(sock_dir, 'device = "/dev/dri/card7"\n')
+    daemon = spawn("--config", path)
+    warning = "reload: device changed; that takes a restart"
+    warned = []
+    for device in ("card8", "card8", "card7", "card8"):
+        write(sock_dir, f'device = "/dev/dri/{device}"\n')
+        before = daemon.log().count(warning)
+        reload(daemon, "reloaded; 0 client(s) stay connected")
+        warned.append(daemon.log().count(warning) - before)
+    assert warned == [1, 1, 0, 1], daemon.log()
+
+
+def test_a_device_named_as_the_one_picked_is_no_change() -> None:
+    running = Config()  # no device: the daemon picked one, /dev/dri/card0
+    assert config.restart_needed(running, Config(device="/dev/dri/card0"), "/dev/dri/card0") == []
+    assert config.restart_needed(running, Config(device="/dev/dri/card1"), "/dev/dri/card0") == [
+        "device"
+    ]
+    assert config.restart_needed(running, running, "/dev/dri/card0") == []
+    assert config.restart_needed(Config(device="/dev/dri/card0"), running, "/dev/dri/card0") == [
+        "device"
+    ]

@@ -10,6 +10,7 @@ at connect time); the daemon's socket is in a directory every uid can traverse.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -531,4 +532,63 @@ def test_other_uid_refused_at_connect(open_dir: Path) -> None:
         f"each attempt got PERMISSION_DENIED '{reason}'; the log names pid, uid and gid "
         f"{REFUSALS} times; stats count {REFUSALS} refusals; the root client was served",
         attempts=REFUSALS,
+    )
+
+
+# --- no holder's file flags reach another ---------------------------------------------------
+
+# Opens the buffer shared as argv[2], sets O_APPEND on its fd and tries to resize it or
+# add a seal; prints what the kernel said and the fd's flags.
+HOSTILE_HOLDER = r"""
+import errno, fcntl
+with primed.connect(sys.argv[1], name="hostile") as client:
+    buf = client.open_shared(sys.argv[2])
+    fd = buf.fd
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    tried = {}
+    for what, call in (
+        ("shrink", lambda: os.ftruncate(fd, 0)),
+        ("grow", lambda: os.ftruncate(fd, buf.size * 2)),
+        ("seal", lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)),
+    ):
+        try:
+            call()
+            tried[what] = "done"
+        except OSError as e:
+            tried[what] = errno.errorcode[e.errno]
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    print(json.dumps({"tried": tried, "flags": flags, "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS)}))
+    buf.close()
+"""
+
+
+def test_a_holders_file_flags_stay_its_own(open_daemon: Daemon) -> None:
+    seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    with primed.connect(open_daemon.socket, name="owner") as owner:
+        buf = owner.allocate(64, 64, "XR24")
+        token = owner.share(buf)
+        mine = owner.open_shared(token)  # a second delivery to the same client
+        hostile = as_nobody(HOSTILE_HOLDER, open_daemon.socket, owner.share(buf))
+        assert hostile["flags"] & os.O_APPEND  # type: ignore[operator]
+        assert hostile["tried"] == {"shrink": "EPERM", "grow": "EPERM", "seal": "EPERM"}
+        assert hostile["seals"] == seals
+        for fd in (buf.fd, mine.fd):
+            assert os.pwrite(fd, b"still mine", 0) == 10
+            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+            assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == seals
+        fcntl.fcntl(mine.fd, fcntl.F_SETFL, fcntl.fcntl(mine.fd, fcntl.F_GETFL) | os.O_APPEND)
+        assert os.pwrite(buf.fd, b"and again", 0) == 9
+        assert os.pread(mine.fd, 9, 0) == b"and again"
+        assert fcntl.fcntl(mine.fd, fcntl.F_GETFL) != fcntl.fcntl(buf.fd, fcntl.F_GETFL)
+        assert os.fstat(buf.fd).st_size == buf.size
+        mine.close()
+        owner.release(buf)
+    record(
+        "a holder's file flags stay its own (memfd)",
+        "host",
+        "a client of uid nobody opened a shared buffer, set O_APPEND on its fd and tried "
+        "to shrink, grow and seal it; the owner's two deliveries (ALLOCATE, OPEN_SHARED) "
+        "then wrote at offset 0",
+        "the owner's pwrite at offset 0 worked on both fds and their flags stayed without "
+        "O_APPEND; shrink, grow and F_ADD_SEALS got EPERM; the seals were unchanged",
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -14,14 +15,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
+import trio
 
 import primed
+from primed.daemon import systemd
 from primed.errors import ErrorCode
 from primed.wire import protocol
 from tests.support import Daemon, can_connect, start_daemon, wait_for
@@ -426,6 +430,15 @@ def test_notify_ready_reload_stop(sock_dir: Path, notify: Notifications) -> None
         notify.expect("RELOADING")
         assert notify.expect("READY")["STATUS"].endswith("; last reload refused, see the log")
         assert "limits.max_width: -1 is not within" in daemon.log()
+
+        config.write_bytes(b"[limits]\nmax_width = 100 # \xff\n")  # not UTF-8
+        daemon.process.send_signal(signal.SIGHUP)
+        notify.expect("RELOADING")
+        assert notify.expect("READY")["STATUS"].endswith("; last reload refused, see the log")
+        assert f"{config}: not valid TOML: not UTF-8: byte 0xff" in daemon.log()
+        assert daemon.process.poll() is None
+        with primed.connect(daemon.socket) as client:
+            assert client.info.limits.max_width == 100  # the running configuration stays
     finally:
         log = daemon.stop()
     assert notify.expect("STOPPING") == {"STOPPING": "1", "STATUS": "stopping"}
@@ -469,6 +482,104 @@ def test_no_watchdog_for_another_process(sock_dir: Path, notify: Notifications, 
     finally:
         daemon.stop()
     assert not [fields for _, fields in seen if "WATCHDOG" in fields]
+
+
+# --- sd_notify when systemd's queue is full ------------------------------------------------
+
+
+def fill(listener: Notifications) -> int:
+    """Send to ``listener`` until its receive queue is full, as a busy systemd's would be;
+    the number of messages queued."""
+    address = listener.sock.getsockname()
+    queued = 0
+    with socket.socket(
+        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    ) as filler:
+        for _ in range(100_000):
+            try:
+                filler.sendto(b"FILLER=1", address)
+            except BlockingIOError:
+                break
+            queued += 1
+    # A fresh socket is refused too: the queue is full, not the filler's buffer.
+    with (
+        socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        ) as probe,
+        pytest.raises(BlockingIOError),
+    ):
+        probe.sendto(b"PROBE=1", address)
+    return queued
+
+
+@pytest.fixture
+def full(notify: Notifications) -> Notifications:
+    """A notify socket nobody reads, its queue full."""
+    assert fill(notify) > 0
+    return notify
+
+
+def test_a_full_queue_never_makes_notify_wait(full: Notifications) -> None:
+    with systemd.Notifier(full.address) as notifier:
+        returned = threading.Event()
+        rescued: list[bytes] = []
+
+        def rescue() -> None:
+            # A send still waiting by now blocks: make room in the queue so that it ends.
+            if not returned.wait(0.5):
+                rescued.append(full.sock.recv(4096))
+
+        thread = threading.Thread(target=rescue)
+        thread.start()
+        try:
+            start = time.monotonic()
+            sent = [notifier.notify("STATUS=busy"), notifier.notify("WATCHDOG=1")]
+            took = time.monotonic() - start
+        finally:
+            returned.set()
+            thread.join()
+        assert not rescued, f"notify waited for room in systemd's queue ({took:.3f} s)"
+        assert sent == [False, False]
+        assert notifier.dropped == 2
+        assert not notifier.pending
+        print(f"two notifications dropped at a full queue in {took * 1e6:.0f} us")
+
+
+async def test_a_ready_that_cant_go_is_kept_and_sent_once_there_is_room(
+    full: Notifications, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="primed")
+    full.sock.setblocking(False)
+    with systemd.Notifier(full.address) as notifier:
+        notifier.ready("serving")  # returns at once: kept
+        assert notifier.pending
+        seen: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(notifier.heartbeat, lambda: "serving", 0.02)
+            # This task runs on while the heartbeat meets the full queue again and again:
+            # each WATCHDOG=1 is dropped (it may not overtake the kept READY=1).
+            ticks = 0
+            with trio.fail_after(10):
+                while notifier.dropped < 5:
+                    await trio.sleep(0.005)
+                    ticks += 1
+            assert notifier.pending
+            # systemd reads its queue: the READY=1 comes, before any later message.
+            with trio.fail_after(10):
+                while not any(message.startswith(b"READY=1") for message in seen):
+                    await trio.lowlevel.wait_readable(full.sock)
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            message = full.sock.recv(4096)
+                            if not message.startswith(b"FILLER="):
+                                seen.append(message)
+            nursery.cancel_scope.cancel()
+    assert seen[0] == b"READY=1\nSTATUS=serving"
+    assert not notifier.pending
+    assert ticks > 0
+    warned = [r for r in caplog.records if "dropped until systemd takes them" in r.message]
+    assert len(warned) == 1, caplog.text
+    assert "sd_notify: systemd takes notifications again" in caplog.text
 
 
 # --- the sandbox ---------------------------------------------------------------------------

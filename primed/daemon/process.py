@@ -66,6 +66,17 @@ def bind(path: str, mode: int = 0o660) -> socket.socket:
     return sock
 
 
+def ignore_stray_reloads() -> None:
+    """Ignore SIGHUP wherever no loop is there to reload.
+
+    Its default action kills the process, and a reload can be asked for at any time:
+    while the daemon starts, after it leaves the refusing mode, while it stops. trio
+    gives a signal still pending when its receiver closes back to the handler that was
+    there before; with this, that handler ignores it.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 async def run(
     backend: BufferSource,
     path: str,
@@ -97,6 +108,7 @@ async def run(
         kind = backend.kind.name.lower()
         return f"serving {kind} buffers on {path}: {daemon.summary()}{reload_note}"
 
+    ignore_stray_reloads()
     with (
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
         systemd.Notifier.from_environment() as notifier,

@@ -22,7 +22,7 @@ import socket
 import trio
 
 from primed import fdpass
-from primed.daemon import systemd, transport
+from primed.daemon import process, systemd, transport
 from primed.errors import ErrorCode
 from primed.wire import protocol
 
@@ -54,6 +54,7 @@ async def refuse(listener: socket.socket, problem: str) -> bool:
     status = f"refusing clients: {problem}; mend that, then run: systemctl reload primed"
     text = protocol.encode(protocol.Error(ErrorCode.INTERNAL, 0, message(problem)), 0)
     fdpass.refuse_rights(listener)
+    process.ignore_stray_reloads()
     with (
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
         systemd.Notifier.from_environment() as notifier,

@@ -17,6 +17,8 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -454,3 +456,36 @@ def test_reload_takes_new_rules_or_keeps_the_old() -> None:
     assert (daemon.core.limits, daemon.core.policy) == new
     assert not Daemon(MemfdBackend()).reload()
     assert daemon.summary() == "0 client(s), 0 buffer(s), 0.0 MiB"
+
+
+_STOP_THEN_RELOAD = """
+import os, signal, sys, trio
+from primed.daemon.process import run
+from primed.kernel.backends import MemfdBackend
+
+def ready(daemon):
+    # Both arrive before the daemon's signal task runs: it takes SIGTERM first and
+    # stops, with SIGHUP still pending when its receiver closes.
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+trio.run(lambda: run(MemfdBackend(), sys.argv[1], ready=ready))
+os.kill(os.getpid(), signal.SIGHUP)  # and one after the daemon has stopped
+print("stopped whole")
+"""
+
+
+def test_a_sighup_outside_the_serving_loop_is_ignored(sock_path: Path) -> None:
+    """A reload asked for while the daemon starts or stops must not kill it (SIGHUP's
+    default action): trio hands a signal still pending when its receiver closes back to
+    the handler that was there before, so that handler ignores SIGHUP."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STOP_THEN_RELOAD, str(sock_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "stopped whole" in done.stdout
+    assert not sock_path.exists()

@@ -200,7 +200,9 @@ def test_reload_with_good_bad_and_non_utf8_files() -> None:
     pid = main_pid()
     restarts = show("primed.service", "NRestarts")
     journal = Journal()
-    CONFIG.write_text('device = "/dev/dri/card0"\n[limits]\nmax_width = 1000\n')
+    # A device other than the one running: the reload takes the limits and warns
+    # that the device needs a restart (the node is not opened, so it need not exist).
+    CONFIG.write_text('device = "/dev/dri/card9"\n[limits]\nmax_width = 1000\n')
     run("systemctl", "reload", "primed")
     journal.wait("reloaded; 0 client(s) stay connected")
     assert "limits:  1000x16384," in info_as("alice")
@@ -343,10 +345,11 @@ def test_starts_that_fail_anyway_keep_the_socket() -> None:
     journal = Journal()
     waiting = None
     try:
-        # Connects, then waits for the Welcome as long as it takes.
+        # Connects, then waits for the Welcome as long as it takes (timeout=None: the
+        # client's default gives up on a handshake after a few seconds).
         waiting = subprocess_as_alice(
             "import primed, sys\n"
-            "with primed.connect(name='patient') as c:\n"
+            "with primed.connect(name='patient', timeout=None) as c:\n"
             "    print(c.info.backend.name, flush=True)\n"
         )
 

@@ -13,9 +13,42 @@ import os
 
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, LayoutError, Limits, layout, plan
-from primed.kernel import drm
+from primed.kernel import dmabuf, drm
 from primed.kernel.allocation import Allocation, planes_of
 from primed.wire.schema import Backend
+
+
+def page_rounded(size: int) -> int:
+    """``size`` rounded up to whole pages: what a buffer made of pages holds."""
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+class DmabufFdBackend:
+    """What the allocators whose Allocation holds a dma-buf fd share (dma-heap,
+    udmabuf): a delivery is a dup of that fd (a dma-buf has one open file
+    description, whatever the path: see :mod:`primed.kernel.heap`), freeing closes
+    it, and the allocator's device fd is ``fd``."""
+
+    fd: int
+
+    def export(self, allocation: Allocation) -> int:
+        try:
+            return os.dup(allocation.ref)  # F_DUPFD_CLOEXEC: never inherited
+        except OSError as e:
+            raise KernelError(e.errno or errno.EIO, "dup") from None
+
+    def set_name(self, allocation: Allocation, name: str) -> None:
+        """Label the buffer for its owner (DMA_BUF_SET_NAME); every fd to it shows the name."""
+        dmabuf.set_name(allocation.ref, name)
+
+    def free(self, allocation: Allocation) -> None:
+        # Fds already delivered keep the buffer; the memory goes with the last one.
+        os.close(allocation.ref)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class DumbBackend:
@@ -119,7 +152,7 @@ class MemfdBackend:
 
     def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
         lay = plan(fmt, width, height, limits)
-        size = -(-lay.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        size = page_rounded(lay.size)
         try:
             fd = os.memfd_create("primed-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:

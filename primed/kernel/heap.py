@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import struct
 
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
-from primed.kernel import dmabuf, drm
+from primed.kernel import drm
 from primed.kernel.allocation import Allocation, planes_of
+from primed.kernel.backends import DmabufFdBackend, page_rounded
 from primed.wire.schema import Backend
 
 #: Where the kernel puts one character device per heap.
@@ -84,14 +84,7 @@ def alloc(heap_fd: int, length: int, fd_flags: int = os.O_RDWR | os.O_CLOEXEC) -
     return int(dma_heap_allocation_data.unpack(arg)[1])
 
 
-def _dup(fd: int) -> int:
-    try:
-        return os.dup(fd)  # F_DUPFD_CLOEXEC: never inherited
-    except OSError as e:
-        raise KernelError(e.errno or errno.EIO, "dup") from None
-
-
-class HeapBackend:
+class HeapBackend(DmabufFdBackend):
     """Buffers from one dma-buf heap, e.g. ``HeapBackend("system")``.
 
     ``kind`` is Backend.DRM, the wire's name for "a dma-buf" (the wire has no
@@ -109,22 +102,6 @@ class HeapBackend:
 
     def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
         lay = plan(fmt, width, height, limits)  # refuses before any ioctl
-        size = -(-lay.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        size = page_rounded(lay.size)
         fd = alloc(self.fd, size)
         return Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
-
-    def export(self, allocation: Allocation) -> int:
-        return _dup(allocation.ref)
-
-    def set_name(self, allocation: Allocation, name: str) -> None:
-        """Label the buffer for its owner (DMA_BUF_SET_NAME); every fd to it shows the name."""
-        dmabuf.set_name(allocation.ref, name)
-
-    def free(self, allocation: Allocation) -> None:
-        # Fds already delivered keep the buffer; the memory goes with the last one.
-        os.close(allocation.ref)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

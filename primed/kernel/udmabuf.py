@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import struct
 
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
-from primed.kernel import dmabuf, drm
+from primed.kernel import drm
 from primed.kernel.allocation import Allocation, planes_of
+from primed.kernel.backends import DmabufFdBackend, page_rounded
 from primed.wire.schema import Backend
 
 #: The misc device.
@@ -108,7 +108,7 @@ def sealed_memfd(size: int, name: str = "primed-udmabuf") -> int:
     return fd
 
 
-class UdmabufBackend:
+class UdmabufBackend(DmabufFdBackend):
     """Buffers made by udmabuf over sealed memfds.
 
     ``kind`` is Backend.DRM, the wire's name for "a dma-buf" (the wire has no
@@ -124,29 +124,10 @@ class UdmabufBackend:
 
     def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
         lay = plan(fmt, width, height, limits)  # refuses before any ioctl
-        size = -(-lay.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        size = page_rounded(lay.size)
         memfd = sealed_memfd(size)
         try:
             fd = create(self.fd, memfd, 0, size)
         finally:
             os.close(memfd)  # the udmabuf holds the pages: see the module docstring
         return Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
-
-    def export(self, allocation: Allocation) -> int:
-        # One open file description per dma-buf, whatever the path: see primed.kernel.heap.
-        try:
-            return os.dup(allocation.ref)
-        except OSError as e:
-            raise KernelError(e.errno or errno.EIO, "dup") from None
-
-    def set_name(self, allocation: Allocation, name: str) -> None:
-        """Label the buffer for its owner (DMA_BUF_SET_NAME); every fd to it shows the name."""
-        dmabuf.set_name(allocation.ref, name)
-
-    def free(self, allocation: Allocation) -> None:
-        os.close(allocation.ref)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

@@ -17,7 +17,9 @@ For each request the transport calls :meth:`Core.receive` (a datagram) or
   there, after the transport's last await), sends the reply with the fds
   export() listed, and closes those fds whatever happened. If the export or
   the send fails with a KernelError or ETOOMANYREFS, it sends the Answer
-  :meth:`Delivery.failed` returns instead, and stops.
+  :meth:`Delivery.failed` returns instead, and stops. After each part sent it
+  calls :meth:`Delivery.sent`; a part the transport will not send (the client's
+  uid has too many fds in flight) ends the request with :meth:`Delivery.refused`.
 
 Fd ownership. Every fd a backend exports is appended, the moment it exists,
 to a list the transport owns and closes in a ``finally``: the core holds no fd
@@ -41,7 +43,7 @@ from typing import Any, cast
 
 from primed import formats
 from primed.daemon.policy import Ledger, Peer, Policy, QuotaExceeded
-from primed.daemon.sessions import Session, Tokens
+from primed.daemon.sessions import Session, Token, Tokens
 from primed.errors import ErrorCode, KernelError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
 from primed.kernel.allocation import Allocation, BufferSource
@@ -117,6 +119,15 @@ class Delivery(abc.ABC):
     def pending(self) -> bool:
         """Whether a part remains to be exported and sent."""
 
+    @property
+    @abc.abstractmethod
+    def part_fds(self) -> int:
+        """How many fds the next part carries, at most (for the fds-in-flight budget)."""
+
+    def sent(self) -> None:  # noqa: B027 (most deliveries have nothing to do then)
+        """The part export() last returned was sent: what hangs on its delivery
+        (a ONCE token being spent) happens now."""
+
     @abc.abstractmethod
     def export(self, fds: list[int]) -> Reply:
         """The next part's reply; each fd it carries is appended to ``fds`` as it is
@@ -127,6 +138,11 @@ class Delivery(abc.ABC):
     def failed(self, error: OSError) -> Answer:
         """The whole request failed (export: KernelError; send: ETOOMANYREFS): undo
         it and say so. Nothing is pending afterwards."""
+
+    @abc.abstractmethod
+    def refused(self, text: str) -> Answer:
+        """The transport will not send the next part (``text`` says which limit): undo
+        the request as :meth:`failed` does and answer LIMIT_EXCEEDED with ``text``."""
 
 
 Outcome = Answer | Delivery
@@ -195,9 +211,11 @@ class Core:
             f"{self.held_bytes / (1 << 20):.1f} MiB"
         )
 
-    def configure(self, limits: Limits, policy: Policy) -> None:
-        """New rules: connected clients stay, and meet them from their next request."""
+    def configure(self, limits: Limits, policy: Policy) -> list[Session]:
+        """New rules: connected clients meet them from their next request. Returns the
+        sessions the new access rules refuse (the transport disconnects them)."""
         self.limits, self.policy = limits, policy
+        return [s for s in self.sessions if policy.refusal(s.account.peer) is not None]
 
     # --- connections ---------------------------------------------------------------------
 
@@ -566,6 +584,10 @@ class _Allocation(Delivery):
     def pending(self) -> bool:
         return self._next < len(self._infos)
 
+    @property
+    def part_fds(self) -> int:
+        return min(MAX_FDS, len(self._infos) - self._next)
+
     def export(self, fds: list[int]) -> Reply:
         index = self._next
         part = self._infos[index : index + MAX_FDS]
@@ -576,10 +598,18 @@ class _Allocation(Delivery):
         return Allocated(len(self._infos), index, tuple(part))
 
     def failed(self, error: OSError) -> Answer:
+        self._undo()
+        return self._core._kernel(self._session, self.serial, error)
+
+    def refused(self, text: str) -> Answer:
+        self._undo()
+        return self._core._fail(self._session, self.serial, ErrorCode.LIMIT_EXCEEDED, text)
+
+    def _undo(self) -> None:
         self._next = len(self._infos)
         for info in self._infos:
-            self._core._drop(self._session, info.id)
-        return self._core._kernel(self._session, self.serial, error)
+            if info.id in self._session.buffers:  # the client may have gone meanwhile
+                self._core._drop(self._session, info.id)
 
 
 class _HandOver(Delivery):
@@ -596,10 +626,15 @@ class _HandOver(Delivery):
         super().__init__(serial)
         self._core, self._session, self._find = core, session, find
         self._done = False
+        self._taken: tuple[bytes, Token] | None = None  # a ONCE token, out of use while sent
 
     @property
     def pending(self) -> bool:
         return not self._done
+
+    @property
+    def part_fds(self) -> int:
+        return 1
 
     def export(self, fds: list[int]) -> Reply:
         self._done = True
@@ -608,10 +643,28 @@ class _HandOver(Delivery):
             return found.reply
         allocation, once = found
         fds.append(self._core.backend.export(allocation))
-        if once is not None:  # a single-use token is spent once its fd exists
-            self._core.tokens.forget(once)
+        if once is not None:
+            # A single-use token opens nothing more from now on, but is spent only once
+            # the reply carrying its fd is sent (sent()); a failed send puts it back.
+            self._taken = (once, self._core.tokens.take(once))
         return Allocated(1, 0, (_info(0, allocation),))
 
+    def sent(self) -> None:
+        self._taken = None
+
     def failed(self, error: OSError) -> Answer:
-        self._done = True
+        self._undo()
         return self._core._kernel(self._session, self.serial, error)
+
+    def refused(self, text: str) -> Answer:
+        self._undo()
+        return self._core._fail(self._session, self.serial, ErrorCode.LIMIT_EXCEEDED, text)
+
+    def _undo(self) -> None:
+        self._done = True
+        if self._taken is not None:
+            token, entry = self._taken
+            self._taken = None
+            owner = entry.owner
+            if owner in self._core.sessions and entry.id in owner.buffers:
+                self._core.tokens.put_back(token, entry)

@@ -35,6 +35,37 @@ class Quotas:
     bytes_per_client: int = 0
     buffers_per_uid: int = 0
     bytes_per_uid: int = 0
+    connections_per_uid: int = 0
+    tokens_per_uid: int = 0
+    tokens_per_buffer: int = 0
+    #: fds sent to the uid's connections and not read yet (the kernel charges them to us)
+    fds_in_flight_per_uid: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bounds:
+    """Daemon-wide bounds, whatever the quotas say; derived from the daemon's
+    RLIMIT_NOFILE (:meth:`for_nofile`), never switched off."""
+
+    connections: int = 240
+    buffers: int = 480
+    tokens: int = 65536
+    fds_in_flight: int = 512
+    #: fds never handed to clients' needs: logs, the listener, exports under way
+    fd_reserve: int = 64
+
+    @classmethod
+    def for_nofile(cls, nofile: int) -> Bounds:
+        """The bounds for a daemon that may hold ``nofile`` fds."""
+        reserve = max(64, nofile // 16)
+        usable = max(nofile - reserve, 64)
+        return cls(
+            connections=max(16, usable // 4),
+            buffers=max(16, usable // 2),
+            tokens=65536,
+            fds_in_flight=max(512, nofile // 2),
+            fd_reserve=reserve,
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,6 +82,7 @@ class Policy:
     allowed_gids: frozenset[int] = frozenset()
     admin_gid: int | None = None
     quotas: Quotas = Quotas()
+    bounds: Bounds = Bounds()
 
     def is_admin(self, peer: Peer) -> bool:
         return self.admin_gid is not None and peer.in_group(self.admin_gid)

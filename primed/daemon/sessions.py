@@ -79,6 +79,20 @@ class Tokens:
         owner.tokens += 1
         return token
 
+    def take(self, token: bytes) -> Token:
+        """Take a live token out of use (a ONCE token being opened): it opens nothing
+        until :meth:`put_back`, and is gone for good if that never comes."""
+        entry = self._live[token]
+        self.forget(token)
+        return entry
+
+    def put_back(self, token: bytes, entry: Token) -> None:
+        """Make a token :meth:`take` took live again (its open failed). The caller
+        checks that its buffer still exists."""
+        self._live[token] = entry
+        entry.owner.shares.setdefault(entry.id, set()).add(token)
+        entry.owner.tokens += 1
+
     def forget(self, token: bytes) -> None:
         """Kill a live token."""
         entry = self._live.pop(token)

@@ -176,6 +176,7 @@ class Daemon:
                 try:
                     reply = delivery.export(fds)
                     await self._send(sock, reply, delivery.serial, fds)
+                    delivery.sent()
                 finally:
                     fdpass.close_fds(fds)
             except OSError as e:

@@ -69,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="drop a client that reads no reply for this long (default 10)",
     )
+    serve.add_argument(
+        "--hello-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="drop a connection that sends no HELLO for this long (default 5)",
+    )
+    serve.add_argument(
+        "--connections-per-uid",
+        type=int,
+        metavar="N",
+        help="connections one uid may hold open (0: no quota; default: from RLIMIT_NOFILE)",
+    )
     defaults = formats.Limits()
     serve.add_argument("--max-width", type=int, help=f"default {defaults.max_width}")
     serve.add_argument("--max-height", type=int, help=f"default {defaults.max_height}")
@@ -140,10 +152,13 @@ def _serve(args: argparse.Namespace) -> int:
     except systemd.ActivationError as e:
         log.error("%s", e)
         return 2
+    # What the quotas' defaults and the bounds are cut from: the fd limit the daemon
+    # will run with (run() raises the soft limit to the hard one unless told not to).
+    nofile = conf.fd_limit(raised=not args.keep_fd_limit)
     while True:
         path = conf.default_path(args.config)
         try:
-            config = conf.load(path, overrides)
+            config = conf.load(path, overrides, nofile=nofile)
             if args.device and config.backend == "memfd":
                 log.error("--device makes no sense with --backend memfd")
                 return 2
@@ -164,9 +179,23 @@ def _serve(args: argparse.Namespace) -> int:
             if not trio.run(refusing.refuse, activated, problem):
                 return 0
     log.info("configuration: %s", path or f"the defaults (there is no {conf.DEFAULT_PATH})")
+    quotas, bounds = config.policy.quotas, config.policy.bounds
+    log.info(
+        "limits for %d fds: %d connections (%d per uid), %d buffers (%d per uid), "
+        "%d tokens (%d per uid), %d fds in flight (%d per uid); 0 per uid: no quota",
+        nofile,
+        bounds.connections,
+        quotas.connections_per_uid,
+        bounds.buffers,
+        quotas.buffers_per_uid,
+        bounds.tokens,
+        quotas.tokens_per_uid,
+        bounds.fds_in_flight,
+        quotas.fds_in_flight_per_uid,
+    )
 
     def reload() -> tuple[formats.Limits, Policy]:
-        new = conf.load(path or conf.default_path(None), overrides)
+        new = conf.load(path or conf.default_path(None), overrides, nofile=nofile)
         # Against what runs (the configuration started with), not the last file read:
         # the warning holds on every reload until the file matches again.
         for key in conf.restart_needed(config, new, backend.node):
@@ -189,6 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
             reload=reload,
             activated=activated,
             send_timeout=config.send_timeout,
+            hello_timeout=config.hello_timeout,
             raise_fd_limit=not args.keep_fd_limit,
         )
     )

@@ -43,7 +43,8 @@ from typing import Any, cast
 
 from primed import formats
 from primed.daemon.policy import Ledger, Peer, Policy, QuotaExceeded
-from primed.daemon.sessions import Session, Token, Tokens
+from primed.daemon.ratelimit import LogLimiter, held_note
+from primed.daemon.sessions import Ordered, Session, Token, Tokens
 from primed.errors import ErrorCode, KernelError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
 from primed.kernel.allocation import Allocation, BufferSource
@@ -79,11 +80,15 @@ from primed.wire.schema import MAX_FDS, VERSION
 
 log = logging.getLogger("primed")
 
-#: Most live share tokens one client may hold.
-MAX_TOKENS = 1024
-#: Entries in one LISTED page: each fits in one datagram with room to spare.
+#: The most entries a LISTED page of this daemon may hold: each fits in one datagram
+#: with room to spare (PROTOCOL.md promises clients no more).
 LIST_PAGE_CLIENTS = 200
 LIST_PAGE_BUFFERS = 1000
+#: Buffers this daemon puts in one page: fewer than the most, so that building and
+#: encoding a page holds the event loop about a millisecond, not several.
+SERVED_PAGE_BUFFERS = 256
+#: The largest listing key (LIST's u32 ``start``); past it the buffers' keys are renumbered.
+MAX_LISTING_KEY = (1 << 32) - 1
 #: The one answer to every token that can't be opened or revoked, whatever the reason.
 NO_TOKEN = "no such token"
 #: What QUERY reports of the format table: it never changes while the daemon runs.
@@ -169,15 +174,27 @@ class Core:
     """Sessions, buffers, tokens, quotas and counters; the handlers of every request."""
 
     def __init__(
-        self, backend: BufferSource, limits: Limits | None = None, policy: Policy | None = None
+        self,
+        backend: BufferSource,
+        limits: Limits | None = None,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """``clock`` (seconds) paces the rate-limited log lines."""
         self.backend = backend
         self.limits = limits or Limits()
         self.policy = policy or Policy()
         self.ledger = Ledger()
         self.sessions: set[Session] = set()
-        self.tokens = Tokens()
+        self.tokens = Tokens(self.ledger)
         self._numbers = itertools.count(1)
+        self._clients: Ordered[Session] = Ordered()  # by number: the listing of clients
+        # Every buffer, in the order allocated: listing key -> its owner (whose ``listed``
+        # maps the key to the buffer's id). Keys count up; see _key().
+        self._buffers: Ordered[Session] = Ordered()
+        self._last_key = 0
+        #: Warnings and repeated errors: a burst per uid and kind, then counted.
+        self.logs = LogLimiter(clock=clock)
         self.stats = {"requests": 0, "errors": 0, "bad_messages": 0, "refused": 0}
         self.requests_by_opcode: collections.Counter[int] = collections.Counter()
         self.errors_by_code: collections.Counter[int] = collections.Counter()
@@ -198,11 +215,11 @@ class Core:
 
     @property
     def live_buffers(self) -> int:
-        return sum(len(s.buffers) for s in self.sessions)
+        return self.ledger.total.buffers
 
     @property
     def held_bytes(self) -> int:
-        return sum(s.account.own.bytes for s in self.sessions)
+        return self.ledger.total.bytes
 
     def summary(self) -> str:
         """One line on what the daemon holds now."""
@@ -215,36 +232,77 @@ class Core:
         """New rules: connected clients meet them from their next request. Returns the
         sessions the new access rules refuse (the transport disconnects them)."""
         self.limits, self.policy = limits, policy
-        return [s for s in self.sessions if policy.refusal(s.account.peer) is not None]
+        refused = [s for s in self.sessions if policy.refusal(s.account.peer) is not None]
+        for session in sorted(refused, key=lambda s: s.number):
+            self._log(
+                logging.WARNING,
+                session.uid,
+                "reload",
+                "reload: %s is no longer allowed; disconnecting it",
+                session,
+            )
+        return refused
+
+    def _log(self, level: int, uid: int, kind: str, message: str, *args: object) -> None:
+        """Log a line that a uid can provoke at will: rate-limited per uid and kind, the
+        line after a burst saying how many were held back."""
+        if not log.isEnabledFor(level):
+            return
+        held = self.logs.allow(uid, kind)
+        if held is not None:
+            log.log(level, message + "%s", *args, held_note(held))
 
     # --- connections ---------------------------------------------------------------------
 
     def refusal(self, peer: Peer) -> Answer | None:
-        """None if ``peer`` may connect; else the PERMISSION_DENIED to send before hanging up."""
+        """None if ``peer`` may connect; else the ERROR to send before hanging up:
+        PERMISSION_DENIED if the access rules refuse it, LIMIT_EXCEEDED if one more
+        connection would pass the daemon's bound or the uid's share. The transport
+        calls :meth:`connect` right after, with no await in between."""
         why = self.policy.refusal(peer)
+        code = ErrorCode.PERMISSION_DENIED
         if why is None:
-            return None
+            why = self.ledger.connection_refusal(peer, self.policy)
+            code = ErrorCode.LIMIT_EXCEEDED
+            if why is None:
+                return None
         self.stats["refused"] += 1
-        log.warning(
-            "refused a client (pid %d, uid %d, gid %d): %s", peer.pid, peer.uid, peer.gid, why
+        self._log(
+            logging.WARNING,
+            peer.uid,
+            "refused",
+            "refused a client (pid %d, uid %d, gid %d): %s",
+            peer.pid,
+            peer.uid,
+            peer.gid,
+            why,
         )
-        return self._error(0, ErrorCode.PERMISSION_DENIED, why, drop=True)
+        return self._error(0, code, why, drop=True)
 
     def connect(self, peer: Peer) -> Session:
         """A new session for an admitted ``peer``."""
         session = Session(next(self._numbers), peer.pid, peer.uid, peer.gid, self.ledger.open(peer))
         self.sessions.add(session)
-        log.info("%s connected", session)
+        self._clients.add(session.number, session)
+        self._log(logging.INFO, peer.uid, "connected", "%s connected", session)
         return session
 
     def disconnect(self, session: Session) -> int:
         """Forget ``session``, freeing its buffers and killing its tokens; returns how many."""
         self.sessions.discard(session)
+        self._clients.pop(session.number)
         count = len(session.buffers)
         for ident in list(session.buffers):
             self._drop(session, ident)
         self.ledger.close(session.account)
-        log.info("%s disconnected; freed %d buffer(s)", session, count)
+        self._log(
+            logging.INFO,
+            session.uid,
+            "disconnected",
+            "%s disconnected; freed %d buffer(s)",
+            session,
+            count,
+        )
         return count
 
     # --- requests ------------------------------------------------------------------------
@@ -256,7 +314,7 @@ class Core:
             serial, request = protocol.decode(data, nfds, "request")
         except protocol.UnknownOpcode as e:
             self.stats["errors"] += 1
-            log.info("%s: %s", session, e)
+            self._log(logging.INFO, session.uid, "unknown opcode", "%s: %s", session, e)
             return self._error(e.serial, e.code, str(e))
         except RemoteProtocolError as e:
             return self.bad_message(session, e)
@@ -265,7 +323,14 @@ class Core:
     def bad_message(self, session: Session, error: ProtocolError) -> Answer:
         """The client sent something malformed: tell it why, then drop it."""
         self.stats["bad_messages"] += 1
-        log.warning("%s sent a bad message, disconnecting: %s", session, error)
+        self._log(
+            logging.WARNING,
+            session.uid,
+            "bad message",
+            "%s sent a bad message, disconnecting: %s",
+            session,
+            error,
+        )
         return self._error(error.serial, ErrorCode.BAD_MESSAGE, str(error), drop=True)
 
     def handle(self, session: Session, serial: int, request: Request) -> Outcome:
@@ -307,8 +372,33 @@ class Core:
         return self._error(serial, code, text, err, drop=drop)
 
     def _kernel(self, session: Session, serial: int, e: OSError) -> Answer:
-        """ERROR KERNEL with the errno, for a request the kernel refused."""
+        """ERROR KERNEL with the errno, for a request the kernel refused. Logged (rate-limited):
+        EMFILE, ENOMEM or ETOOMANYREFS mean the daemon is short of something."""
+        self._log(
+            logging.WARNING,
+            session.uid,
+            "kernel",
+            "%s: the kernel refused request %d: %s",
+            session,
+            serial,
+            e.strerror or e,
+        )
         return self._fail(session, serial, ErrorCode.KERNEL, e.strerror or "", e.errno or 0)
+
+    def _refused(self, session: Session, serial: int, code: ErrorCode, text: str) -> Answer:
+        """A quota or bound refused the request: logged (rate-limited), at warning if it
+        is a daemon-wide bound (the daemon is full), at info if the client's own share."""
+        daemon_wide = text.startswith("bound")
+        self._log(
+            logging.WARNING if daemon_wide else logging.INFO,
+            session.uid,
+            "bound" if daemon_wide else "quota",
+            "%s: request %d refused: %s",
+            session,
+            serial,
+            text,
+        )
+        return self._fail(session, serial, code, text)
 
     # --- handlers ------------------------------------------------------------------------
 
@@ -326,7 +416,14 @@ class Core:
         session.version = version
         session.name = hello.name
         if hello.name:
-            log.info("client %d is %r", session.number, hello.name)
+            self._log(
+                logging.INFO,
+                session.uid,
+                "named",
+                "client %d is %r",
+                session.number,
+                hello.name,
+            )
         driver, limits = self.backend.driver, self.limits
         welcome = Welcome(
             version,
@@ -403,7 +500,7 @@ class Core:
             infos = []
             for allocation in made:
                 self.ledger.charge(session.account, 1, allocation.size)
-                infos.append(_info(session.adopt(allocation), allocation))
+                infos.append(_info(self._adopt(session, allocation), allocation))
                 adopted += 1
         finally:
             for allocation in made[adopted:]:  # not the session's: nobody else will free them
@@ -416,7 +513,7 @@ class Core:
         try:
             self.ledger.check(session.account, self.policy, buffers, nbytes)
         except QuotaExceeded as e:
-            return self._fail(session, serial, ErrorCode.QUOTA_EXCEEDED, str(e))
+            return self._refused(session, serial, ErrorCode.QUOTA_EXCEEDED, str(e))
         return None
 
     def _release(self, session: Session, serial: int, request: Release) -> Answer:
@@ -432,10 +529,12 @@ class Core:
         if request.id not in session.buffers:
             text = f"unknown buffer id {request.id}"
             return self._fail(session, serial, ErrorCode.UNKNOWN_BUFFER, text)
-        if session.tokens >= MAX_TOKENS:
-            text = f"{MAX_TOKENS} tokens per client"
-            return self._fail(session, serial, ErrorCode.LIMIT_EXCEEDED, text)
-        token = self.tokens.issue(session, request.id, request.once, frozenset(request.uids))
+        try:
+            on_buffer = self.tokens.count(session, request.id)
+            self.ledger.check_token(session.account, self.policy, on_buffer)
+        except QuotaExceeded as e:
+            return self._refused(session, serial, ErrorCode.LIMIT_EXCEEDED, str(e))
+        token = self.tokens.issue(session, request.id, request.once, request.uids)
         return Answer(serial, Shared(token))
 
     def _open_shared(self, session: Session, serial: int, request: OpenShared) -> Delivery:
@@ -487,37 +586,44 @@ class Core:
         return session.uid == 0 or self.policy.is_admin(session.account.peer)
 
     def _list(self, session: Session, serial: int, request: List) -> Answer:
-        visible = (
-            sorted(self.sessions, key=lambda s: s.number) if self._sees_all(session) else [session]
-        )
-        rows: list[ClientEntry] | list[BufferEntry]
+        """One page of a listing, from the cursor ``start`` on: a client number (clients)
+        or a listing key (buffers), never a position, so that entries coming and going
+        between pages shift nothing. Each page costs about its size (see Ordered.page)."""
+        everyone = self._sees_all(session)
+        start = request.start
         if request.what == protocol.LIST_CLIENTS:
-            page = LIST_PAGE_CLIENTS
-            rows = [
+            if everyone:
+                found, following = self._clients.page(start, LIST_PAGE_CLIENTS)
+                clients = [s for _, s in found]
+            else:
+                clients, following = ([session] if start <= session.number else []), 0
+            clients_page = tuple(
                 ClientEntry(
                     s.number, s.pid, s.uid, s.gid, int(s.since * 1000),
                     s.account.own.buffers, s.account.own.bytes, s.name,
                 )
-                for s in visible
-            ]  # fmt: skip
-        elif request.what == protocol.LIST_BUFFERS:
-            page = LIST_PAGE_BUFFERS
+                for s in clients
+            )  # fmt: skip
+            return Answer(serial, Listed(request.what, following, clients_page))
+        if request.what == protocol.LIST_BUFFERS:
+            if everyone:
+                owned, following = self._buffers.page(start, SERVED_PAGE_BUFFERS)
+                rows = [(s, s.listed[key]) for key, s in owned]
+            else:
+                mine, following = session.listed.page(start, SERVED_PAGE_BUFFERS)
+                rows = [(session, ident) for _, ident in mine]
             now = time.monotonic()
-            rows = [
+            buffers_page = tuple(
                 BufferEntry(
                     s.number, ident, a.width, a.height, a.fourcc, a.size,
-                    int((now - a.born) * 1000), len(s.shares.get(ident, ())),
+                    int((now - a.born) * 1000), self.tokens.count(s, ident),
                 )
-                for s in visible
-                for ident, a in s.buffers.items()
-            ]  # fmt: skip
-        else:
-            text = f"LIST of kind {request.what}"
-            return self._fail(session, serial, ErrorCode.INVALID_ARGUMENT, text)
-        end = request.start + page
-        following = end if end < len(rows) else 0
-        chunk = tuple(rows[request.start : end])
-        return Answer(serial, Listed(request.what, following, chunk))  # type: ignore[arg-type]
+                for s, ident in rows
+                for a in (s.buffers[ident],)
+            )  # fmt: skip
+            return Answer(serial, Listed(request.what, following, buffers_page))
+        text = f"LIST of kind {request.what}"
+        return self._fail(session, serial, ErrorCode.INVALID_ARGUMENT, text)
 
     def _stats(self, session: Session, serial: int, request: Stats) -> Answer:
         counters = [
@@ -560,9 +666,38 @@ class Core:
         except OSError as e:  # never seen; log it rather than lose the session's others
             log.error("%s: freeing a buffer failed: %s", session, e)
 
+    def _adopt(self, session: Session, allocation: Allocation) -> int:
+        """Make ``allocation`` the session's, and list it; returns its id."""
+        ident = session.adopt(allocation)
+        if self._last_key >= MAX_LISTING_KEY:
+            self._renumber()
+        self._last_key += 1
+        key = self._last_key
+        self._buffers.add(key, session)
+        session.listed.add(key, ident)
+        session.keys[ident] = key
+        return ident
+
+    def _renumber(self) -> None:
+        """Give the live buffers listing keys 1, 2, ... again, in their order: the keys
+        ran out of LIST's 32 bits (after 2**32 allocations; a listing under way then
+        may see an entry twice or miss one)."""
+        live = [(session, session.listed[key]) for key, session in self._buffers.items()]
+        self._buffers = Ordered()
+        for session in self.sessions:
+            session.listed, session.keys = Ordered(), {}
+        for key, (session, ident) in enumerate(live, 1):
+            self._buffers.add(key, session)
+            session.listed.add(key, ident)
+            session.keys[ident] = key
+        self._last_key = len(live)
+
     def _drop(self, session: Session, ident: int) -> None:
         """Release one of the session's buffers: its tokens die, its quota is refunded."""
         self.tokens.forget_buffer(session, ident)
+        key = session.keys.pop(ident)
+        session.listed.pop(key)
+        self._buffers.pop(key)
         allocation = session.buffers.pop(ident)
         self.ledger.refund(session.account, 1, allocation.size)
         self._free(session, allocation)

@@ -27,9 +27,59 @@ class Peer:
         return gid == self.gid or gid in self.groups
 
 
+#: fds one part of a reply carries at most (SCM_MAX_FD); a uid's share of fds in flight
+#: is never below it, or an ALLOCATE of that many could never be sent.
+_PART_FDS = 253
+#: Assumed when the memory size is unknown (``memory`` 0): what a per-uid byte quota is cut from.
+_ASSUMED_MEMORY = 8 << 30
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bounds:
+    """Daemon-wide bounds, whatever the quotas say (admins included); derived from the
+    daemon's RLIMIT_NOFILE (:meth:`for_nofile`), never switched off.
+
+    The fds the daemon holds are its ``connections`` (one each), its buffers (one
+    each on the memfd backend) and ``fd_reserve`` (the listener, logs, fds being
+    exported): together they stay within RLIMIT_NOFILE. Fds in flight (sent, not
+    read yet) are counted by the kernel apart from open fds, against the same limit.
+    """
+
+    # The defaults are for code that builds a Policy itself (``primed serve`` always
+    # uses for_nofile's): connections and buffers as for 8192 fds, roomy enough for the
+    # largest single request (max_count, 1024 buffers) with others about.
+    connections: int = 1920
+    buffers: int = 3840
+    tokens: int = 65536
+    fds_in_flight: int = 512
+    #: fds never handed to clients' needs: logs, the listener, exports under way
+    fd_reserve: int = 64
+    #: bytes all clients hold together; 0: not bounded (the memory size was unknown)
+    bytes: int = 0
+
+    @classmethod
+    def for_nofile(cls, nofile: int, memory: int = 0) -> Bounds:
+        """The bounds for a daemon that may hold ``nofile`` fds, on a machine of
+        ``memory`` bytes (0: unknown, no daemon-wide byte bound)."""
+        reserve = min(max(64, nofile // 16), nofile // 2)
+        usable = nofile - reserve
+        return cls(
+            connections=max(4, usable // 4),
+            buffers=max(8, usable // 2),
+            tokens=65536,
+            fds_in_flight=max(2 * _PART_FDS, nofile // 2),
+            fd_reserve=reserve,
+            bytes=memory // 2,
+        )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Quotas:
-    """How much may be held at once; 0 means no quota."""
+    """How much may be held at once; 0 means no quota.
+
+    The defaults a daemon uses are :meth:`for_nofile`'s, not these zeros: a
+    configuration file sets 0 only to switch one quota off.
+    """
 
     buffers_per_client: int = 0
     bytes_per_client: int = 0
@@ -41,30 +91,28 @@ class Quotas:
     #: fds sent to the uid's connections and not read yet (the kernel charges them to us)
     fds_in_flight_per_uid: int = 0
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Bounds:
-    """Daemon-wide bounds, whatever the quotas say; derived from the daemon's
-    RLIMIT_NOFILE (:meth:`for_nofile`), never switched off."""
-
-    connections: int = 240
-    buffers: int = 480
-    tokens: int = 65536
-    fds_in_flight: int = 512
-    #: fds never handed to clients' needs: logs, the listener, exports under way
-    fd_reserve: int = 64
-
     @classmethod
-    def for_nofile(cls, nofile: int) -> Bounds:
-        """The bounds for a daemon that may hold ``nofile`` fds."""
-        reserve = max(64, nofile // 16)
-        usable = max(nofile - reserve, 64)
+    def for_nofile(cls, nofile: int, memory: int = 0) -> Quotas:
+        """The default quotas of a daemon that may hold ``nofile`` fds, on a machine of
+        ``memory`` bytes (0: unknown; 8 GiB is assumed).
+
+        Each uid gets an eighth of each daemon-wide bound: no one user can take the
+        daemon's fds (a memfd buffer holds one, a connection one), and eight users at
+        their caps still leave the reserve. Bytes: an eighth of the memory per uid.
+        A client may hold all of its uid's share.
+        """
+        bounds = Bounds.for_nofile(nofile, memory)
+        buffers = max(8, bounds.buffers // 8)
+        nbytes = (memory or _ASSUMED_MEMORY) // 8
         return cls(
-            connections=max(16, usable // 4),
-            buffers=max(16, usable // 2),
-            tokens=65536,
-            fds_in_flight=max(512, nofile // 2),
-            fd_reserve=reserve,
+            buffers_per_client=buffers,
+            bytes_per_client=nbytes,
+            buffers_per_uid=buffers,
+            bytes_per_uid=nbytes,
+            connections_per_uid=max(4, bounds.connections // 8),
+            tokens_per_uid=bounds.tokens // 16,
+            tokens_per_buffer=1024,
+            fds_in_flight_per_uid=max(_PART_FDS, bounds.fds_in_flight // 8),
         )
 
 
@@ -99,13 +147,15 @@ class Policy:
 
 
 class QuotaExceeded(PrimedError):
-    """A request would take a client or a uid over its quota; the text names which."""
+    """A request would take a client, a uid or the daemon over a quota or bound; the text
+    names which."""
 
 
 @dataclasses.dataclass(slots=True)
 class Usage:
     buffers: int = 0
     bytes: int = 0
+    tokens: int = 0  #: live share tokens of these buffers
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -118,20 +168,25 @@ class Account:
 
 
 class Ledger:
-    """What each client and each uid holds."""
+    """What each client, each uid and the daemon as a whole hold."""
 
     def __init__(self) -> None:
         self._uids: dict[int, tuple[Usage, int]] = {}  # uid -> (usage, open accounts)
+        self.total = Usage()  #: what every client holds together
+        self.accounts = 0  #: open accounts (connections) of every uid
 
     def open(self, peer: Peer) -> Account:
         usage, accounts = self._uids.get(peer.uid, (Usage(), 0))
         self._uids[peer.uid] = (usage, accounts + 1)
+        self.accounts += 1
         return Account(peer, Usage(), usage)
 
     def close(self, account: Account) -> None:
         """Forget ``account``, refunding whatever it still held."""
         self.refund(account, account.own.buffers, account.own.bytes)
+        self.charge_tokens(account, -account.own.tokens)
         usage, accounts = self._uids[account.peer.uid]
+        self.accounts -= 1
         if accounts == 1:
             del self._uids[account.peer.uid]
         else:
@@ -142,9 +197,34 @@ class Ledger:
         found = self._uids.get(uid)
         return dataclasses.replace(found[0]) if found else Usage()
 
+    def connections(self, uid: int) -> int:
+        """How many connections of ``uid`` are open."""
+        found = self._uids.get(uid)
+        return found[1] if found else 0
+
+    def connection_refusal(self, peer: Peer, policy: Policy) -> str | None:
+        """Why one more connection of ``peer`` would go over a bound or its uid's
+        share (admins have no share, but meet the bound), or None."""
+        bound = policy.bounds.connections
+        if self.accounts >= bound:
+            return f"connections (daemon-wide, {bound}): {self.accounts} open"
+        share = policy.quotas.connections_per_uid
+        held = self.connections(peer.uid)
+        if share and held >= share and not policy.is_admin(peer):
+            return f"connections per uid ({share}): {held} open"
+        return None
+
     def check(self, account: Account, policy: Policy, buffers: int, nbytes: int) -> None:
         """Raise :class:`QuotaExceeded` if ``account`` may not take ``buffers`` more
-        buffers of ``nbytes`` bytes in all under ``policy``."""
+        buffers of ``nbytes`` bytes in all under ``policy``: the daemon-wide bounds
+        first (they hold for admins too), then the quotas."""
+        bounds, total = policy.bounds, self.total
+        for limit, held, asked, what in (
+            (bounds.buffers, total.buffers, buffers, "buffers daemon-wide"),
+            (bounds.bytes, total.bytes, nbytes, "bytes daemon-wide"),
+        ):
+            if limit and held + asked > limit:
+                raise QuotaExceeded(f"bound: {limit} {what}; {held} held, {asked} more asked")
         if policy.is_admin(account.peer):
             return
         quotas = policy.quotas
@@ -158,12 +238,34 @@ class Ledger:
             if limit and held + asked > limit:
                 raise QuotaExceeded(f"quota: {limit} {what}; {held} held, {asked} more asked")
 
+    def check_token(self, account: Account, policy: Policy, on_buffer: int) -> None:
+        """Raise :class:`QuotaExceeded` if ``account`` may not make one more token for a
+        buffer that has ``on_buffer`` live tokens."""
+        bound = policy.bounds.tokens
+        if self.total.tokens >= bound:
+            raise QuotaExceeded(f"bound: {bound} tokens daemon-wide; {self.total.tokens} live")
+        if policy.is_admin(account.peer):
+            return
+        quotas = policy.quotas
+        uid = account.peer.uid
+        for limit, held, what in (
+            (quotas.tokens_per_uid, account.uid.tokens, f"tokens per uid ({uid})"),
+            (quotas.tokens_per_buffer, on_buffer, "tokens per buffer"),
+        ):
+            if limit and held >= limit:
+                raise QuotaExceeded(f"quota: {limit} {what}; {held} live")
+
     def charge(self, account: Account, buffers: int, nbytes: int) -> None:
         """Record that ``account`` now holds ``buffers`` more buffers of ``nbytes`` bytes."""
-        for usage in (account.own, account.uid):
+        for usage in (account.own, account.uid, self.total):
             usage.buffers += buffers
             usage.bytes += nbytes
 
     def refund(self, account: Account, buffers: int, nbytes: int) -> None:
         """Record that ``account`` let go of ``buffers`` buffers of ``nbytes`` bytes."""
         self.charge(account, -buffers, -nbytes)
+
+    def charge_tokens(self, account: Account, tokens: int) -> None:
+        """Record that ``account``'s buffers have ``tokens`` more live tokens (or fewer)."""
+        for usage in (account.own, account.uid, self.total):
+            usage.tokens += tokens

@@ -9,7 +9,7 @@ what callers use, so that ``from primed.daemon.server import run`` keeps working
 
 from __future__ import annotations
 
-from primed.daemon.core import LIST_PAGE_BUFFERS, LIST_PAGE_CLIENTS, MAX_TOKENS, Core
+from primed.daemon.core import LIST_PAGE_BUFFERS, LIST_PAGE_CLIENTS, Core
 from primed.daemon.process import bind, run
 from primed.daemon.sessions import Session
 from primed.daemon.transport import QUEUED_BYTES, SEND_TIMEOUT, Daemon, credentials
@@ -17,7 +17,6 @@ from primed.daemon.transport import QUEUED_BYTES, SEND_TIMEOUT, Daemon, credenti
 __all__ = [
     "LIST_PAGE_BUFFERS",
     "LIST_PAGE_CLIENTS",
-    "MAX_TOKENS",
     "QUEUED_BYTES",
     "SEND_TIMEOUT",
     "Core",

@@ -13,12 +13,13 @@ import grp
 import os
 import pwd
 import re
+import resource
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from primed.client.connection import socket_path
-from primed.daemon.policy import Policy, Quotas
+from primed.daemon.policy import Bounds, Policy, Quotas
 from primed.errors import PrimedError
 from primed.formats import Limits
 
@@ -46,9 +47,11 @@ class Config:
     socket_mode: int = 0o660
     log_level: str = "info"
     send_timeout: float = 10.0  #: seconds a reply may wait for a client that does not read
+    hello_timeout: float = 5.0  #: seconds a new connection has to send HELLO
     limits: Limits = dataclasses.field(default_factory=Limits)
     policy: Policy = dataclasses.field(default_factory=Policy)
     source: str | None = None  #: the file read, if any
+    nofile: int = 0  #: the RLIMIT_NOFILE the default quotas and the bounds were cut from
 
     @property
     def socket_path(self) -> str:
@@ -56,7 +59,7 @@ class Config:
 
 
 #: Keys a reload cannot change: they take effect when the daemon restarts.
-RESTART_KEYS = ("device", "backend", "socket", "socket_mode", "send_timeout")
+RESTART_KEYS = ("device", "backend", "socket", "socket_mode", "send_timeout", "hello_timeout")
 
 #: The command-line flag that overrides each key.
 FLAGS = {
@@ -66,10 +69,12 @@ FLAGS = {
     "socket_mode": "--socket-mode",
     "log_level": "--log-level",
     "send_timeout": "--send-timeout",
+    "hello_timeout": "--hello-timeout",
     "limits.max_width": "--max-width",
     "limits.max_height": "--max-height",
     "limits.max_size": "--max-size",
     "limits.max_count": "--max-count",
+    "quotas.connections_per_uid": "--connections-per-uid",
 }
 
 _TABLES = ("access", "limits", "quotas")
@@ -188,6 +193,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "socket_mode": _mode,
     "log_level": _choice(LOG_LEVELS),
     "send_timeout": _seconds(0.1, 3600),
+    "hello_timeout": _seconds(0.1, 3600),
     "access.allowed_uids": _ids(_uid),
     "access.allowed_gids": _ids(_gid),
     "access.admin_group": _one_id(_gid),
@@ -200,7 +206,40 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "quotas.bytes_per_client": _bytes(0, _U63),
     "quotas.buffers_per_uid": _integer(0, _U63),
     "quotas.bytes_per_uid": _bytes(0, _U63),
+    "quotas.connections_per_uid": _integer(0, _U32),
+    "quotas.tokens_per_uid": _integer(0, _U32),
+    "quotas.tokens_per_buffer": _integer(0, _U32),
+    "quotas.fds_in_flight_per_uid": _integer(0, _U32),
 }
+
+#: Used when the kernel reports no limit (RLIM_INFINITY) and /proc/sys/fs/nr_open is unreadable.
+_NR_OPEN = 1 << 20
+
+
+def fd_limit(raised: bool = True) -> int:
+    """The RLIMIT_NOFILE the daemon will run with: the hard limit if it raises its soft
+    limit to it (``raised``, what ``serve`` does unless --keep-fd-limit), else the soft."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = hard if raised else soft
+    if limit == resource.RLIM_INFINITY:  # Linux caps it at fs.nr_open all the same
+        try:
+            with open("/proc/sys/fs/nr_open") as file:
+                return int(file.read())
+        except (OSError, ValueError):
+            return _NR_OPEN
+    return int(limit)
+
+
+def memory_total() -> int:
+    """MemTotal from /proc/meminfo in bytes; 0 if it can't be read."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _flatten(data: Mapping[str, object], where: str) -> dict[str, object]:
@@ -253,11 +292,19 @@ def read(path: str) -> dict[str, object]:
 
 
 def build(
-    keys: Mapping[str, object], *, source: str | None = None, flags: Iterable[str] = ()
+    keys: Mapping[str, object],
+    *,
+    source: str | None = None,
+    flags: Iterable[str] = (),
+    nofile: int = 1024,
+    memory: int = 0,
 ) -> Config:
     """A Config from flattened ``keys``; the keys in ``flags`` came from the command line.
 
-    Raises ConfigError naming the first bad key (as its flag, if it came from one).
+    A quota the keys leave out takes its default for a daemon of ``nofile`` fds on a
+    machine of ``memory`` bytes (:meth:`Quotas.for_nofile`); the daemon-wide bounds are
+    always :meth:`Bounds.for_nofile`'s. Raises ConfigError naming the first bad key (as
+    its flag, if it came from one).
     """
     given = set(flags)
     values: dict[str, Any] = {}
@@ -278,17 +325,16 @@ def build(
         values.get("limits.max_size", defaults.max_size),
         values.get("limits.max_count", defaults.max_count),
     )
-    quotas = Quotas(
-        values.get("quotas.buffers_per_client", 0),
-        values.get("quotas.bytes_per_client", 0),
-        values.get("quotas.buffers_per_uid", 0),
-        values.get("quotas.bytes_per_uid", 0),
-    )
+    given_quotas = {
+        key.partition(".")[2]: value for key, value in values.items() if key.startswith("quotas.")
+    }
+    quotas = dataclasses.replace(Quotas.for_nofile(nofile, memory), **given_quotas)
     policy = Policy(
         values.get("access.allowed_uids", frozenset()),
         values.get("access.allowed_gids", frozenset()),
         values.get("access.admin_group"),
         quotas,
+        Bounds.for_nofile(nofile, memory),
     )
     return Config(
         device=values.get("device"),
@@ -297,17 +343,27 @@ def build(
         socket_mode=values.get("socket_mode", 0o660),
         log_level=values.get("log_level", "info"),
         send_timeout=values.get("send_timeout", 10.0),
+        hello_timeout=values.get("hello_timeout", 5.0),
         limits=limits,
         policy=policy,
         source=source,
+        nofile=nofile,
     )
 
 
-def load(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
+def load(
+    path: str | None,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    nofile: int | None = None,
+    memory: int | None = None,
+) -> Config:
     """The configuration in the file at ``path`` (None: no file), with ``overrides``
     (flattened keys, as from the command line) laid over it.
 
-    Raises ConfigError naming the file and the key at fault.
+    The default quotas and the bounds are cut from ``nofile`` (default: the hard
+    RLIMIT_NOFILE, :func:`fd_limit`) and ``memory`` (default: MemTotal). Raises
+    ConfigError naming the file and the key at fault.
     """
     keys = read(path) if path is not None else {}
     given = dict(overrides or {})
@@ -315,7 +371,13 @@ def load(path: str | None, overrides: Mapping[str, object] | None = None) -> Con
     if unknown:
         raise ValueError(f"no command-line flag sets {sorted(unknown)}")
     keys.update(given)
-    return build(keys, source=path, flags=given)
+    return build(
+        keys,
+        source=path,
+        flags=given,
+        nofile=fd_limit() if nofile is None else nofile,
+        memory=memory_total() if memory is None else memory,
+    )
 
 
 def default_path(path: str | None) -> str | None:

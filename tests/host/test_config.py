@@ -3,9 +3,11 @@ and SIGHUP reloading it in a running daemon without dropping its clients."""
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import primed
-from primed.daemon.policy import Policy, Quotas
+from primed.daemon.policy import Bounds, Policy, Quotas
 from primed.errors import ErrorCode
 from primed.formats import Limits
 from primed.service import config
@@ -36,9 +38,58 @@ def write(directory: Path, text: str, name: str = "primed.toml") -> str:
 
 
 def test_no_file_means_the_defaults() -> None:
-    assert config.load(None) == Config()
-    assert config.load(None).limits == Limits()
-    assert config.load(None).policy == Policy()
+    loaded = config.load(None, nofile=20000, memory=8 << 30)
+    assert loaded == Config(policy=loaded.policy, nofile=20000)
+    assert loaded.limits == Limits()
+    # No file is no reason to serve without quotas: they are cut from the fd limit.
+    assert loaded.policy == Policy(
+        quotas=Quotas.for_nofile(20000, 8 << 30), bounds=Bounds.for_nofile(20000, 8 << 30)
+    )
+
+
+@pytest.mark.parametrize(
+    ("nofile", "per_uid", "bounds"),
+    [
+        # (connections, buffers, tokens, fds in flight) per uid, then daemon-wide
+        (1024, (30, 60, 4096, 253), (240, 480, 65536, 512)),
+        (20000, (585, 1171, 4096, 1250), (4687, 9375, 65536, 10000)),
+        (524288, (15360, 30720, 4096, 32768), (122880, 245760, 65536, 262144)),
+    ],
+)
+def test_the_default_quotas_for_a_few_fd_limits(
+    nofile: int, per_uid: tuple[int, ...], bounds: tuple[int, ...]
+) -> None:
+    # The table in systemd/primed.toml and docs/deployment.md.
+    policy = config.load(None, nofile=nofile, memory=16 << 30).policy
+    q, b = policy.quotas, policy.bounds
+    assert (q.connections_per_uid, q.buffers_per_uid, q.tokens_per_uid) == per_uid[:3]
+    assert q.fds_in_flight_per_uid == per_uid[3]
+    assert (b.connections, b.buffers, b.tokens, b.fds_in_flight) == bounds
+    assert (q.buffers_per_client, q.tokens_per_buffer) == (q.buffers_per_uid, 1024)
+    assert q.bytes_per_uid == q.bytes_per_client == 2 << 30 and b.bytes == 8 << 30
+    # One uid at its shares holds an eighth of the fds the bounds leave the clients,
+    # and the bounds leave the reserve free.
+    assert b.connections + b.buffers + b.fd_reserve <= nofile
+    assert q.connections_per_uid + q.buffers_per_uid <= (b.connections + b.buffers) // 8 + 1
+
+
+def test_the_defaults_follow_the_hard_fd_limit() -> None:
+    # What the daemon raises its soft limit to; --keep-fd-limit keeps the soft one.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert config.load(None).nofile == config.fd_limit() == hard
+    assert config.fd_limit(raised=False) == soft
+    assert config.memory_total() > 0
+
+
+def test_a_zero_in_the_file_switches_a_quota_off(tmp_path: Path) -> None:
+    # Left out: the default. 0: no quota (the daemon-wide bounds still hold).
+    path = write(tmp_path, "[quotas]\nconnections_per_uid = 0\nbuffers_per_uid = 7\n")
+    loaded = config.load(path, nofile=1024, memory=8 << 30)
+    default = Quotas.for_nofile(1024, 8 << 30)
+    assert loaded.policy.quotas == dataclasses.replace(
+        default, connections_per_uid=0, buffers_per_uid=7
+    )
+    assert loaded.policy.bounds == Bounds.for_nofile(1024, 8 << 30)
 
 
 def test_every_key(tmp_path: Path) -> None:
@@ -49,6 +100,7 @@ def test_every_key(tmp_path: Path) -> None:
         socket = "/tmp/x.sock"
         socket_mode = "0600"
         log_level = "debug"
+        hello_timeout = 2.5
         [access]
         allowed_uids = ["root", 1000]
         allowed_gids = ["{group}", 44]
@@ -63,22 +115,29 @@ def test_every_key(tmp_path: Path) -> None:
         bytes_per_client = "1GiB"
         buffers_per_uid = 64
         bytes_per_uid = 1048576
+        connections_per_uid = 9
+        tokens_per_uid = 100
+        tokens_per_buffer = 10
+        fds_in_flight_per_uid = 300
     """
     path = write(tmp_path, "\n".join(line.strip() for line in text.splitlines()))
-    assert config.load(path) == Config(
+    assert config.load(path, nofile=4096, memory=1 << 30) == Config(
         device="/dev/dri/card1",
         backend="memfd",
         socket="/tmp/x.sock",
         socket_mode=0o600,
         log_level="debug",
+        hello_timeout=2.5,
         limits=Limits(4096, 2160, 64 << 20, 8),
         policy=Policy(
             frozenset({0, 1000}),
             frozenset({os.getgid(), 44}),
             os.getgid(),
-            Quotas(16, 1 << 30, 64, 1 << 20),
+            Quotas(16, 1 << 30, 64, 1 << 20, 9, 100, 10, 300),
+            Bounds.for_nofile(4096, 1 << 30),
         ),
         source=path,
+        nofile=4096,
     )
 
 

@@ -29,14 +29,14 @@ from primed import fdpass, formats
 from primed.daemon.core import (
     LIST_PAGE_BUFFERS,
     LIST_PAGE_CLIENTS,
-    MAX_TOKENS,
     NO_TOKEN,
+    SERVED_PAGE_BUFFERS,
     Answer,
     Core,
     Delivery,
     Outcome,
 )
-from primed.daemon.policy import Peer, Policy, Quotas
+from primed.daemon.policy import Bounds, Peer, Policy, Quotas
 from primed.daemon.sessions import Session
 from primed.errors import ErrorCode, KernelError
 from primed.formats import Format, Limits
@@ -74,6 +74,8 @@ XR24 = formats.fourcc("XR24")
 NV12 = formats.fourcc("NV12")
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 ADMIN_GID = 4343
+#: Daemon-wide bounds roomy enough for the tests that hold many buffers at once.
+ROOMY = Bounds.for_nofile(20000)
 
 
 def open_fds() -> set[int]:
@@ -192,6 +194,14 @@ def harness() -> Iterator[Harness]:
     finally:
         made.close()
     assert open_fds() == before, "the core or the test leaked fds"
+
+
+def shares(harness: Harness, owner: Session) -> dict[int, set[bytes]]:
+    """Each of ``owner``'s shared buffers and its live tokens, as the registry chains them."""
+    tokens = harness.core.tokens
+    found = {ident: set(tokens.of(owner, ident)) for ident in owner.shares}
+    assert all(tokens.count(owner, ident) == len(t) for ident, t in found.items())
+    return found
 
 
 def code(reply: Reply) -> int:
@@ -315,6 +325,7 @@ def test_allocate_one_delivers_a_sealed_memfd(harness: Harness) -> None:
 
 
 def test_allocate_600_comes_in_parts_of_253(harness: Harness) -> None:
+    harness.core.configure(Limits(), Policy(bounds=ROOMY))
     session = harness.connect()
     replies, fds = harness.allocate(session, Allocate(16, 16, XR24, count=600))
     assert [(r.total, r.index, len(r.buffers)) for r in replies] == [
@@ -693,7 +704,7 @@ def test_a_token_opens_the_same_buffer_as_id_0(harness: Harness) -> None:
     assert not guest.buffers and guest.account.own.buffers == 0  # it stays the owner's
     again, _ = open_shared(harness, guest, token)  # a plain token opens again
     assert isinstance(again, Allocated)
-    assert owner.shares == {1: {token}} and owner.tokens == 1
+    assert shares(harness, owner) == {1: {token}} and owner.tokens == 1
 
 
 def test_a_once_token_is_spent_by_its_export(harness: Harness) -> None:
@@ -801,14 +812,41 @@ def test_share_errors(harness: Harness) -> None:
     assert harness.error(owner, Share(1)) == Error(
         ErrorCode.UNKNOWN_BUFFER, 0, "unknown buffer id 1"
     )
-    harness.allocate(owner, Allocate(16, 16, XR24))
-    tokens = {share(harness, owner, 1) for _ in range(MAX_TOKENS)}
-    assert len(tokens) == MAX_TOKENS
-    assert harness.error(owner, Share(1)) == Error(
-        ErrorCode.LIMIT_EXCEEDED, 0, f"{MAX_TOKENS} tokens per client"
-    )
-    harness.ask(owner, Revoke(tokens.pop()))
-    share(harness, owner, 1)  # a revoke makes room
+
+
+def test_token_quotas_per_buffer_per_uid_and_the_bound() -> None:
+    # Tokens are held per uid and per buffer now, not per connection: a uid with
+    # many connections gets no more, and the daemon-wide bound holds for admins too.
+    quotas = Quotas(tokens_per_uid=6, tokens_per_buffer=4)
+    policy = Policy(admin_gid=ADMIN_GID, quotas=quotas, bounds=Bounds(tokens=10))
+    harness = Harness(policy=policy)
+    try:
+        one, two = harness.connect(uid=5000), harness.connect(uid=5000)
+        harness.allocate(one, Allocate(16, 16, XR24, count=2))
+        harness.allocate(two, Allocate(16, 16, XR24))
+        first = [share(harness, one, 1) for _ in range(4)]
+        assert harness.error(one, Share(1)) == Error(
+            ErrorCode.LIMIT_EXCEEDED, 0, "quota: 4 tokens per buffer; 4 live"
+        )
+        share(harness, one, 2)
+        share(harness, two, 1)
+        assert harness.error(two, Share(1)) == Error(
+            ErrorCode.LIMIT_EXCEEDED, 0, "quota: 6 tokens per uid (5000); 6 live"
+        )
+        harness.ask(one, Revoke(first.pop()))
+        share(harness, two, 1)  # a revoke makes room, on any connection of the uid
+        admin = harness.connect(uid=5001, groups=frozenset({ADMIN_GID}))
+        harness.allocate(admin, Allocate(16, 16, XR24))
+        for _ in range(4):  # past the per-buffer quota: admins hold none
+            share(harness, admin, 1)
+        assert harness.error(admin, Share(1)) == Error(
+            ErrorCode.LIMIT_EXCEEDED, 0, "bound: 10 tokens daemon-wide; 10 live"
+        )
+        harness.core.disconnect(one)  # its tokens go, and their charge with them
+        assert harness.core.ledger.usage(5000).tokens == 2 and len(harness.core.tokens) == 6
+        share(harness, admin, 1)
+    finally:
+        harness.close()
 
 
 def test_only_the_owner_revokes_and_only_once(harness: Harness) -> None:
@@ -830,7 +868,7 @@ def test_releasing_a_buffer_kills_its_tokens_only(harness: Harness) -> None:
         share(harness, owner, 2),
     )
     harness.ask(owner, Release((1,)))
-    assert owner.shares == {2: {kept}} and owner.tokens == 1
+    assert shares(harness, owner) == {2: {kept}} and owner.tokens == 1
     for token in (first, second):
         assert code(open_shared(harness, owner, token)[0]) == ErrorCode.UNKNOWN_TOKEN
 
@@ -889,6 +927,7 @@ def test_list_clients_and_buffers_as_seen_by_each(harness: Harness) -> None:
 
 
 def test_list_pages(harness: Harness) -> None:
+    harness.core.configure(Limits(), Policy(bounds=ROOMY))
     root = harness.connect(uid=0)
     for _ in range(LIST_PAGE_CLIENTS):
         harness.connect(hello=False)
@@ -901,13 +940,15 @@ def test_list_pages(harness: Harness) -> None:
         if not page.next:
             break
         start = page.next
-    assert pages == [LIST_PAGE_CLIENTS, 1]
-    harness.allocate(root, Allocate(16, 16, XR24, count=LIST_PAGE_BUFFERS // 2))
-    harness.allocate(root, Allocate(16, 16, XR24, count=LIST_PAGE_BUFFERS // 2 + 3))
+    assert pages == [LIST_PAGE_CLIENTS, 1]  # the second from client 201 on
+    harness.allocate(root, Allocate(16, 16, XR24, count=SERVED_PAGE_BUFFERS // 2))
+    harness.allocate(root, Allocate(16, 16, XR24, count=SERVED_PAGE_BUFFERS // 2 + 3))
     first = harness.ask(root, List(protocol.LIST_BUFFERS))
-    assert isinstance(first, Listed) and first.next == LIST_PAGE_BUFFERS
+    # The cursor is the key of the first buffer not listed yet (keys count up from 1).
+    assert isinstance(first, Listed) and first.next == SERVED_PAGE_BUFFERS + 1
     rest = harness.ask(root, List(protocol.LIST_BUFFERS, first.next))
     assert isinstance(rest, Listed) and rest.next == 0
     assert [e.id for e in buffer_rows(first) + buffer_rows(rest)] == list(
-        range(1, LIST_PAGE_BUFFERS + 4)
+        range(1, SERVED_PAGE_BUFFERS + 4)
     )
+    assert SERVED_PAGE_BUFFERS <= LIST_PAGE_BUFFERS  # what PROTOCOL.md allows

@@ -17,7 +17,7 @@ import trio
 import primed
 from primed import fdpass
 from primed.daemon import server
-from primed.daemon.policy import Ledger, Peer, Policy, QuotaExceeded, Quotas
+from primed.daemon.policy import Bounds, Ledger, Peer, Policy, QuotaExceeded, Quotas
 from primed.errors import ErrorCode
 from primed.wire import protocol
 from tests.host.conftest import StartDaemon
@@ -89,7 +89,41 @@ def test_admins_have_no_quota_and_zero_means_none() -> None:
     admin = ledger.open(Peer(1, 1000, 1000, frozenset({10})))
     policy = Policy(admin_gid=10, quotas=Quotas(1, 1, 1, 1))
     ledger.check(admin, policy, 100, 1 << 40)
-    ledger.check(ledger.open(Peer(2, 1001, 1001)), Policy(), 1 << 20, 1 << 50)
+    plain = ledger.open(Peer(2, 1001, 1001))
+    ledger.check(plain, Policy(bounds=Bounds(buffers=1 << 20)), 1 << 20, 1 << 50)
+
+
+def test_the_daemon_wide_bounds_hold_for_everyone() -> None:
+    # Quotas 0 (off) and admins exempt: the bounds still refuse, naming themselves.
+    ledger = Ledger()
+    admin = ledger.open(Peer(1, 1000, 1000, frozenset({10})))
+    policy = Policy(admin_gid=10, bounds=Bounds(buffers=4, bytes=1000))
+    ledger.charge(admin, 3, 600)
+    with pytest.raises(QuotaExceeded, match=r"^bound: 4 buffers daemon-wide; 3 held, 2 more"):
+        ledger.check(admin, policy, 2, 10)
+    with pytest.raises(QuotaExceeded, match=r"^bound: 1000 bytes daemon-wide; 600 held"):
+        ledger.check(ledger.open(Peer(2, 1001, 1001)), policy, 1, 401)
+    ledger.check(admin, policy, 1, 400)
+
+
+def test_connections_per_uid_and_the_daemon_wide_bound() -> None:
+    ledger = Ledger()
+    policy = Policy(
+        admin_gid=10, quotas=Quotas(connections_per_uid=2), bounds=Bounds(connections=5)
+    )
+    me, admin = Peer(1, 1000, 1000), Peer(2, 1001, 1001, frozenset({10}))
+    first = ledger.open(me)
+    assert ledger.connection_refusal(me, policy) is None
+    ledger.open(me)
+    assert ledger.connection_refusal(me, policy) == "connections per uid (2): 2 open"
+    assert ledger.connection_refusal(Peer(3, 1002, 1002), policy) is None  # another uid
+    for _ in range(3):  # admins have no share ...
+        assert ledger.connection_refusal(admin, policy) is None
+        ledger.open(admin)
+    # ... but meet the bound, as everyone does
+    assert ledger.connection_refusal(admin, policy) == "connections (daemon-wide, 5): 5 open"
+    ledger.close(first)
+    assert ledger.connections(1000) == 1 and ledger.connection_refusal(me, policy) is None
 
 
 async def test_credentials_come_from_the_kernel() -> None:

@@ -91,6 +91,8 @@ SERVED_PAGE_BUFFERS = 256
 MAX_LISTING_KEY = (1 << 32) - 1
 #: The one answer to every token that can't be opened or revoked, whatever the reason.
 NO_TOKEN = "no such token"
+#: The kinds of log line that connections coming and going write.
+_CONNECTION_LINES = frozenset({"connected", "named", "disconnected"})
 #: What QUERY reports of the format table: it never changes while the daemon runs.
 _FORMATS = tuple(FormatInfo(f.fourcc, f.cpp, f.hsub, f.vsub) for f in formats.FORMATS.values())
 
@@ -195,6 +197,9 @@ class Core:
         self._last_key = 0
         #: Warnings and repeated errors: a burst per uid and kind, then counted.
         self.logs = LogLimiter(clock=clock)
+        #: Lines of connections coming and going, which a client makes as often as it
+        #: connects: a roomier burst, limited all the same.
+        self.connection_logs = LogLimiter(burst=50, clock=clock)
         self.stats = {"requests": 0, "errors": 0, "bad_messages": 0, "refused": 0}
         self.requests_by_opcode: collections.Counter[int] = collections.Counter()
         self.errors_by_code: collections.Counter[int] = collections.Counter()
@@ -248,7 +253,8 @@ class Core:
         line after a burst saying how many were held back."""
         if not log.isEnabledFor(level):
             return
-        held = self.logs.allow(uid, kind)
+        limiter = self.connection_logs if kind in _CONNECTION_LINES else self.logs
+        held = limiter.allow(uid, kind)
         if held is not None:
             log.log(level, message + "%s", *args, held_note(held))
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import primed
 from primed import formats
+from primed.errors import ErrorCode
 from primed.kernel import drm
-from tests.support import Daemon, StartDaemon
+from tests.support import Daemon, StartDaemon, wait_for
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -208,8 +210,17 @@ def test_serve_honours_primed_socket(spawn: StartDaemon) -> None:
         (["--backend", "memfd", "--max-size", str(1 << 32)], 2, "--max-size"),
         (["--device", "/nonexistent/card0"], 1, "open /nonexistent/card0"),
         (["--backend", "vulkan"], 2, "invalid choice"),
+        (["--backend", "memfd", "--hello-timeout", "0"], 2, "--hello-timeout: 0.0 is not within"),
+        (["--backend", "memfd", "--connections-per-uid", "-1"], 2, "--connections-per-uid: -1"),
     ],
-    ids=["device with memfd", "max-size", "missing device", "unknown backend"],
+    ids=[
+        "device with memfd",
+        "max-size",
+        "missing device",
+        "unknown backend",
+        "hello-timeout",
+        "connections-per-uid",
+    ],
 )
 def test_serve_refuses(sock_dir: Path, args: list[str], code: int, message: str) -> None:
     path = sock_dir / "refused.sock"
@@ -235,3 +246,28 @@ def test_console_script(shared: Daemon) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == INFO
+
+
+def test_serve_connections_per_uid(spawn: StartDaemon) -> None:
+    # The flag overrides the default share; the connection past it is refused with
+    # LIMIT_EXCEEDED naming the limit, and the log says what limits the daemon runs with.
+    daemon = spawn("--connections-per-uid", "2")
+    with primed.connect(daemon.socket), primed.connect(daemon.socket):
+        with pytest.raises(primed.ServerError) as refused:
+            primed.connect(daemon.socket)
+        assert refused.value.code == ErrorCode.LIMIT_EXCEEDED
+        assert refused.value.text == "connections per uid (2): 2 open"
+
+    def admitted() -> bool:
+        try:
+            with primed.connect(daemon.socket):
+                return True
+        except primed.ServerError as e:
+            assert e.code == ErrorCode.LIMIT_EXCEEDED
+            return False
+
+    # The share is free again once the daemon has seen them go (in its own time).
+    wait_for(admitted, "the two connections' end")
+    log = daemon.stop()
+    assert "per uid" in log and "limits for " in log
+    assert f"refused a client (pid {os.getpid()}, uid {os.getuid()}" in log

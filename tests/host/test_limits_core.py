@@ -427,7 +427,7 @@ def test_bad_messages_and_repeated_errors_are_rate_limited(
     clock = Clock()
     core = make_core(Policy(quotas=Quotas(buffers_per_uid=1), bounds=ROOMY), clock)
     with caplog.at_level(logging.INFO, "primed"):
-        for _ in range(100):
+        for _ in range(200):
             session = join(core, 5000)
             answer = core.receive(session, b"\x01", 0)
             assert isinstance(answer, Answer) and answer.drop
@@ -446,8 +446,8 @@ def test_bad_messages_and_repeated_errors_are_rate_limited(
     assert sum("bad message" in line for line in lines) == burst
     assert sum("refused: quota" in line for line in lines) == burst
     assert sum("unknown opcode 0x7777" in line for line in lines) == burst
-    # Connecting in a loop is a uid's to provoke too: its lines are limited alike.
-    assert sum("uid 5000) connected" in line for line in lines) == burst
+    # Connecting in a loop is a uid's to provoke too: its lines are limited, more roomily.
+    assert sum("uid 5000) connected" in line for line in lines) == core.connection_logs.burst
     clock.now += core.logs.interval
     with caplog.at_level(logging.INFO, "primed"):
         core.handle(holder, 9, Allocate(1, 1, XR24))

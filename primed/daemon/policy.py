@@ -123,7 +123,8 @@ class Policy:
     With no ``allowed_uids`` and no ``allowed_gids`` anyone who can open the
     socket is served. Otherwise a peer is served if its uid is allowed, or its
     primary or a supplementary group is. Members of ``admin_gid`` are always
-    served and hold no quota (the per-request limits still apply to them).
+    served and hold no quota (the per-request limits and the daemon-wide ``bounds``
+    still apply to them).
     """
 
     allowed_uids: frozenset[int] = frozenset()

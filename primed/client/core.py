@@ -150,18 +150,21 @@ def token_bytes(token: str | bytes) -> bytes:
     return raw
 
 
+_make_buffer = Buffer._adopt
+
+
 def buffer_from(info: BufferInfo, fd: int, backend: Backend) -> Buffer:
     """A Buffer owning ``fd``, described by ``info``."""
-    return Buffer(
+    return _make_buffer(
         fd,
-        id=info.id,
-        width=info.width,
-        height=info.height,
-        fourcc=info.fourcc,
-        modifier=info.modifier,
-        size=info.size,
-        planes=tuple(Plane(o, p) for o, p in info.planes),
-        backend=backend,
+        info.id,
+        info.width,
+        info.height,
+        info.fourcc,
+        info.modifier,
+        info.size,
+        tuple([Plane(o, p) for o, p in info.planes]),
+        backend,
     )
 
 

@@ -107,9 +107,10 @@ def _received(
 
 
 def recv(sock: socket.socket, size: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
-    """Receive one datagram (on a stream socket: up to ``size`` bytes) and its fds from
-    a blocking socket; ``(b"", [])`` is the end of the stream. Raises
-    :class:`Truncated` (having closed what arrived), OSError."""
+    """Receive one datagram (on a stream socket: up to ``size`` bytes) and its fds;
+    ``(b"", [])`` is the end of the stream. Raises :class:`Truncated` (having closed
+    what arrived), OSError (BlockingIOError from a non-blocking socket with nothing
+    to read)."""
     data, ancdata, msg_flags, _ = sock.recvmsg(size, ANCILLARY_SPACE, RECV_FLAGS)
     return _received(data, ancdata, msg_flags)
 

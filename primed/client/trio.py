@@ -219,15 +219,21 @@ class AsyncClient:
         self._wake_all()
 
     def _hand_off(self, outgoing: list[bytes]) -> None:
-        """Send the core's own datagrams (give-back RELEASEs) from a task of their own.
+        """Send the core's own datagrams (give-back RELEASEs): at once if the socket has
+        room and no sender waits for it, so that they go before any later request;
+        else from a task of their own.
 
-        Never from the reader: sending may block on a full socket, under the send
-        lock, and a task waiting for an answer that only the reader can read would
-        then wait for ever while the daemon waits for us to read.
+        Never waiting from the reader: sending may block on a full socket, under the
+        send lock, and a task waiting for an answer that only the reader can read
+        would then wait for ever while the daemon waits for us to read.
         """
-        if outgoing and self._nursery is not None:
+        if not outgoing or self._nursery is None:
+            return  # with no nursery the connection is closing: the daemon frees them
+        if not self._send_lock.locked():
+            while outgoing and self._try_send(outgoing[0]):
+                del outgoing[0]
+        if outgoing:
             self._nursery.start_soon(self._send_all, outgoing)
-        # With no nursery the connection is closing: the daemon frees them itself.
 
     async def _send_all(self, outgoing: list[bytes]) -> None:
         async with self._send_lock:

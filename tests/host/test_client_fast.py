@@ -12,6 +12,7 @@ import gc
 import os
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -308,3 +309,41 @@ def test_answers_the_quick_path_does_not_expect_still_get_the_general_rules() ->
     assert again.receive(answer, []) == [call] and again.take(call) == 1
     assert again.receive(answer, []) == []  # answered already: not in flight
     assert "not in flight" in str(again.broken)
+
+
+def test_the_common_round_trip_never_needs_the_general_decoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conn = greeted()
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("decode() was called on the common path")
+
+    monkeypatch.setattr(protocol, "decode", refuse)
+    reply = Allocated(1, 0, (BufferInfo(9, 16, 16, 0x34325258, 0, 4096, ((0, 64),)),))
+    calls = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    for _ in range(3):
+        serial = conn._serial + 1  # the next request's: 1, 2, ... while none is in flight
+        allocated = protocol.encode(reply, serial)
+        released = protocol.encode(Released(1), serial + 1)
+        fd = os.memfd_create("quick", os.MFD_CLOEXEC)
+        sys.setprofile(count)
+        try:
+            allocate = conn.allocate(16, 16, "XR24")
+            conn.receive(allocated, [fd])
+            buffer = conn.take(allocate)
+            release = conn.release([buffer.id])
+            conn.receive(released, [])
+            count_released = conn.take(release)
+            buffer.close()
+        finally:
+            sys.setprofile(None)
+        assert count_released == 1 and not fd_open(fd)
+    # 56 calls, Python's and C's, per allocate + release of the core when this was
+    # written (115 through the general path); the bound catches a path grown back.
+    assert calls / 3 < 80, calls / 3

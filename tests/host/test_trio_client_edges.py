@@ -279,3 +279,39 @@ async def test_answers_to_started_requests_are_taken_in_before_anyone_waits(
             buffer = await first.wait()
             assert await second.wait() == 1
         buffer.close()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps (resumptions) of every task but those in ``apart``."""
+
+    def __init__(self, apart: set[trio.lowlevel.Task]):
+        self.apart = apart
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task not in self.apart
+
+
+async def test_one_request_at_a_time_resumes_its_task_once(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon), trio.open_nursery() as nursery:
+        daemon_side: set[trio.lowlevel.Task] = set()
+
+        async def serve() -> None:
+            daemon_side.add(trio.lowlevel.current_task())
+            while True:
+                serial, _ = await daemon.read()
+                await daemon.answer(serial, Released(1))
+
+        nursery.start_soon(serve)
+        assert await client.release(1) == 1  # the reader's first wait is behind us
+        steps = _Steps(daemon_side)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for _ in range(20):
+                assert await client.release(1) == 1
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        # The client's side runs once per request, when the answer is there to read:
+        # no trip for the send, none through a reader task, none after a receive.
+        assert steps.steps == 20, steps.steps
+        nursery.cancel_scope.cancel()

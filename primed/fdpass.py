@@ -13,6 +13,7 @@ import array
 import os
 import resource
 import socket
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,10 @@ RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 # Plain ints: combining socket.MsgFlag members costs microseconds on every receive.
 _TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_FD_SIZE = array.array("i").itemsize
+_ORDER = sys.byteorder
 # SO_PASSRIGHTS (Linux 6.16): 0 makes the kernel refuse fds sent to this socket.
 SO_PASSRIGHTS = 83
 
@@ -84,6 +89,15 @@ def refuse_rights(sock: socket.socket | Any) -> bool:
 def _received(
     data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int
 ) -> tuple[bytes, list[int]]:
+    # The common cases first, each decided by what take_fds would decide: nothing
+    # cut, and no fds or exactly one in one SCM_RIGHTS message.
+    if not msg_flags & _TRUNCATED:
+        if not ancdata:
+            return data, []
+        if len(ancdata) == 1:
+            level, kind, raw = ancdata[0]
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(raw) == _FD_SIZE:
+                return data, [int.from_bytes(raw, _ORDER, signed=True)]
     try:
         return data, take_fds(ancdata, msg_flags)
     except Truncated as e:
@@ -93,9 +107,10 @@ def _received(
 
 
 def recv(sock: socket.socket, size: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
-    """Receive one datagram (on a stream socket: up to ``size`` bytes) and its fds from
-    a blocking socket; ``(b"", [])`` is the end of the stream. Raises
-    :class:`Truncated` (having closed what arrived), OSError."""
+    """Receive one datagram (on a stream socket: up to ``size`` bytes) and its fds;
+    ``(b"", [])`` is the end of the stream. Raises :class:`Truncated` (having closed
+    what arrived), OSError (BlockingIOError from a non-blocking socket with nothing
+    to read)."""
     data, ancdata, msg_flags, _ = sock.recvmsg(size, ANCILLARY_SPACE, RECV_FLAGS)
     return _received(data, ancdata, msg_flags)
 
@@ -127,7 +142,10 @@ async def hang_up(sock: Any) -> None:
 
 def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """Send one datagram with ``fds``; the caller keeps (and closes) its own fds."""
-    sock.sendmsg([data], rights(fds))
+    if fds:
+        sock.sendmsg([data], rights(fds))
+    else:
+        sock.send(data)  # the same datagram; send() skips sendmsg's argument parsing
 
 
 def raise_fd_limit() -> int:

@@ -2,6 +2,10 @@
 
 Ownership: a Buffer owns its fd and closes it exactly once, on ``close()``, at
 the end of a ``with`` block, or (as a backstop) when it is garbage-collected.
+The backstop is ``__del__``, not a ``weakref.finalize`` per buffer: a finalizer
+object and its registry entry cost more than the rest of a Buffer to make, on
+every allocation, and ``__del__`` runs at the same moment (when the last
+reference goes, or when the cycle collector frees a cycle it is in).
 Closing the fd does not free the memory while anything else refers to it: a
 mapping made with :meth:`Buffer.map`, a GEM handle made from it, the daemon's
 own reference, or a copy of the fd in another process. That is PRIME's
@@ -12,8 +16,8 @@ from __future__ import annotations
 
 import mmap
 import os
-import weakref
 from types import TracebackType
+from typing import Any
 
 from primed.errors import KernelError
 from primed.formats import Plane as Plane  # noqa: PLC0414 (re-exported)
@@ -21,12 +25,7 @@ from primed.formats import fourcc_str
 from primed.kernel import drm
 from primed.wire.schema import Backend
 
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+_new = object.__new__
 
 
 class Buffer:
@@ -39,7 +38,6 @@ class Buffer:
     __slots__ = (
         "__weakref__",
         "_fd",
-        "_finalizer",
         "backend",
         "fourcc",
         "height",
@@ -64,7 +62,6 @@ class Buffer:
         backend: Backend,
     ):
         self._fd = fd
-        self._finalizer = weakref.finalize(self, _close_quietly, fd)
         self.id = id
         self.width = width
         self.height = height
@@ -73,6 +70,43 @@ class Buffer:
         self.size = size
         self.planes = planes
         self.backend = backend
+
+    @classmethod
+    def _adopt(
+        cls,
+        fd: int,
+        id: int,
+        width: int,
+        height: int,
+        fourcc: int,
+        modifier: int,
+        size: int,
+        planes: tuple[Plane, ...],
+        backend: Backend,
+    ) -> Buffer:
+        """As the constructor, by position: what the client's receive path calls."""
+        buffer = _new(cls)
+        buffer._fd = fd
+        buffer.id = id
+        buffer.width = width
+        buffer.height = height
+        buffer.fourcc = fourcc
+        buffer.modifier = modifier
+        buffer.size = size
+        buffer.planes = planes
+        buffer.backend = backend
+        return buffer
+
+    def __del__(self, _close: Any = os.close) -> None:
+        # The backstop for a buffer nobody closed. os.close is bound as a default so
+        # that it is still there while the interpreter shuts down.
+        fd = getattr(self, "_fd", -1)  # unset if __init__ was called with bad arguments
+        if fd >= 0:
+            self._fd = -1
+            try:
+                _close(fd)
+            except OSError:
+                pass
 
     @property
     def format(self) -> str:
@@ -92,15 +126,14 @@ class Buffer:
 
     def close(self) -> None:
         """Close the fd (once; later calls do nothing)."""
-        if self._fd >= 0:
-            self._finalizer.detach()
-            fd, self._fd = self._fd, -1
+        fd = self._fd
+        if fd >= 0:
+            self._fd = -1
             os.close(fd)
 
     def detach(self) -> int:
         """Give up ownership of the fd and return it; the caller must close it."""
         fd = self.fd
-        self._finalizer.detach()
         self._fd = -1
         return fd
 

@@ -72,6 +72,8 @@ E = TypeVar("E", ClientEntry, BufferEntry)
 
 _HEADER = schema.fixed(schema.HEADER)
 _LAST_SERIAL = 0xFFFFFFFF
+#: fourccs by the text a caller gave (formats.lookup, once per spelling).
+_FOURCCS: dict[str, int] = {}
 
 
 def socket_path(path: str | None = None) -> str:
@@ -150,18 +152,21 @@ def token_bytes(token: str | bytes) -> bytes:
     return raw
 
 
+_make_buffer = Buffer._adopt
+
+
 def buffer_from(info: BufferInfo, fd: int, backend: Backend) -> Buffer:
     """A Buffer owning ``fd``, described by ``info``."""
-    return Buffer(
+    return _make_buffer(
         fd,
-        id=info.id,
-        width=info.width,
-        height=info.height,
-        fourcc=info.fourcc,
-        modifier=info.modifier,
-        size=info.size,
-        planes=tuple(Plane(o, p) for o, p in info.planes),
-        backend=backend,
+        info.id,
+        info.width,
+        info.height,
+        info.fourcc,
+        info.modifier,
+        info.size,
+        tuple([Plane(o, p) for o, p in info.planes]),
+        backend,
     )
 
 
@@ -320,16 +325,25 @@ class _Buffers(Call[T]):
         self._parts = []
 
 
+class _Count(Call[int]):
+    """A RELEASE: answered by one RELEASED, whose count is the result."""
+
+    __slots__ = ()
+
+    def _accept(self, reply: Reply, fds: list[int], backend: Backend) -> bool:
+        if not isinstance(reply, Released) or self.done:
+            close_fds(fds)
+            raise _unexpected(reply, self.serial, "Released")
+        self._finish(reply.count)
+        return True
+
+
 def _first(buffers: list[Buffer]) -> Buffer:
     return buffers[0]
 
 
 def _every(buffers: list[Buffer]) -> list[Buffer]:
     return buffers
-
-
-def _count(reply: Released) -> int:
-    return reply.count
 
 
 def _token(reply: Shared) -> str:
@@ -430,10 +444,25 @@ class ClientConnection:
         return self.info
 
     def _allocate(
-        self, width: int, height: int, fmt: str | int, count: int, flags: int
-    ) -> protocol.Allocate:
-        code = formats.lookup(fmt).fourcc if isinstance(fmt, str) else fmt
-        return protocol.Allocate(width, height, code, count, flags)
+        self,
+        width: int,
+        height: int,
+        fmt: str | int,
+        count: int,
+        flags: int,
+        convert: Callable[[list[Buffer]], T],
+    ) -> Call[T]:
+        if isinstance(fmt, str):
+            code = _FOURCCS.get(fmt)
+            if code is None:
+                code = _FOURCCS[fmt] = formats.lookup(fmt).fourcc
+        else:
+            code = fmt
+        serial = self._serial_for()
+        data = protocol.allocate_datagram(serial, width, height, code, count, flags)
+        call = _Buffers(serial, data, count, convert)
+        self._pending[serial] = call
+        return call
 
     def allocate(self, width: int, height: int, fmt: str | int, flags: int = 0) -> Call[Buffer]:
         """An ALLOCATE of one buffer; ``fmt`` is a fourcc text, DRM name or fourcc integer.
@@ -441,17 +470,21 @@ class ClientConnection:
         Raises UnknownFormat for a format name not in primed's table (an integer
         goes to the daemon as it is), LocalProtocolError for a field that does not fit.
         """
-        return self._buffers(self._allocate(width, height, fmt, 1, flags), 1, _first)
+        return self._allocate(width, height, fmt, 1, flags, _first)
 
     def allocate_many(
         self, width: int, height: int, fmt: str | int, count: int, flags: int = 0
     ) -> Call[list[Buffer]]:
         """An ALLOCATE of ``count`` buffers, as :meth:`allocate`."""
-        return self._buffers(self._allocate(width, height, fmt, count, flags), count, _every)
+        return self._allocate(width, height, fmt, count, flags, _every)
 
     def release(self, ids: Iterable[int]) -> Call[int]:
         """A RELEASE of the buffers with these ids; the result is how many were released."""
-        return self._simple(protocol.Release(tuple(ids)), Released, _count)
+        serial = self._serial_for()
+        wanted = ids if isinstance(ids, list | tuple) else tuple(ids)
+        call = _Count(serial, protocol.release_datagram(serial, wanted))
+        self._pending[serial] = call
+        return call
 
     def share(self, ident: int, once: bool, uids: Iterable[int]) -> Call[str]:
         """A SHARE of buffer ``ident``; the result is the token as hex text."""
@@ -565,6 +598,10 @@ class ClientConnection:
         incomplete, one for an answer, every call in flight when the connection
         breaks (each then fails with the error, and ``broken`` says why).
         """
+        if self.broken is None and len(fds) < 2:
+            quick = self._quick(data, fds)
+            if quick is not None:
+                return quick
         if self.broken is not None:
             close_fds(fds)
             return []
@@ -602,6 +639,44 @@ class ClientConnection:
             except RemoteProtocolError as e:
                 return self.fail(e)
         return self._completed(call, was_done)
+
+    def _quick(self, data: bytes, fds: list[int]) -> list[Call[Any]] | None:
+        """The common answers, decoded straight into their results: the one buffer of
+        an ALLOCATE of one, or a RELEASE's count. None (nothing done, the fds still the
+        caller's) for anything else, or anything not exactly as expected: the general
+        path then decides, and says what is wrong."""
+        call: Call[Any] | None
+        if fds:
+            got = protocol.one_buffer(data, 1)
+            if got is None:
+                return None
+            serial, ident, width, height, fourcc, modifier, size, planes = got
+            call = self._pending.get(serial)
+            if type(call) is not _Buffers or call._count != 1 or call._received or call.done:
+                return None
+            try:
+                layout = (
+                    (Plane(*planes[0]),) if len(planes) == 1 else tuple([Plane(*p) for p in planes])
+                )
+                backend = self.info.backend if self.info else Backend.DRM
+                buffer = _make_buffer(
+                    fds[0], ident, width, height, fourcc, modifier, size, layout, backend
+                )
+            except BaseException:
+                close_fds(fds)
+                raise
+            call._received = 1
+            call._parts.append(buffer)
+            call._finish(call._convert(call._parts))
+        else:
+            released = protocol.released_count(data, 0)
+            if released is None:
+                return None
+            call = self._pending.get(released[0])
+            if type(call) is not _Count or call.done:
+                return None
+            call._finish(released[1])
+        return self._completed(call, False)
 
     def truncated(self, error: Truncated) -> list[Call[Any]]:
         """A datagram arrived cut short (its fds were closed already; see

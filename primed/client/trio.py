@@ -1,11 +1,27 @@
 """The trio client: many tasks may share one connection, with requests in flight at once.
 
-Every protocol rule lives in :class:`primed.client.core.ClientConnection`. Here a
-reader task feeds it what the socket receives and wakes the task waiting on each
-completed request; requesting tasks send under one lock. A task cancelled while
-its request is in flight abandons it: when the answer comes, its buffers are
-closed and released (the core says so, and a task of its own sends the RELEASE,
-so that the reader never waits on the socket's send side).
+Every protocol rule lives in :class:`primed.client.core.ClientConnection`. Here the
+tasks waiting for answers read the socket themselves, one at a time: the first
+waiter reads, feeds the core what arrives and wakes the waiters of the other calls
+it completes; the rest sleep. When the reader's own call is done (or it is
+cancelled) it wakes a sleeping waiter, which reads on. So the common case, one
+task and one request at a time, costs one trip through the scheduler per request,
+not two (a reader task's, then the waiter's). Requesting tasks send in turn
+under one lock when the socket is full. A task cancelled while its request is in
+flight abandons it: when the answer comes, its buffers are closed and released
+(the core says so, and a task of its own sends the RELEASE, so that no reader
+ever waits on the socket's send side). Answers that come while nobody waits stay
+in the socket until a waiter reads them, as with the blocking client.
+
+The socket is a plain non-blocking one, not a trio socket: trio's socket methods
+pass through the scheduler twice per call (a cancellation check before the
+syscall, a yield after it even when it did not block), and for a request that
+costs what the kernel's work costs, those trips are most of the time. Here each
+call is tried first and waits for readiness (trio.lowlevel.wait_readable or
+wait_writable) only when it would block. A request still checks for cancellation
+before it is sent and before its wait, as trio's own calls do, and a reader
+yields after :data:`FAIRNESS` datagrams in a row, so that a daemon that keeps it
+busy can't starve the client's other tasks.
 """
 
 from __future__ import annotations
@@ -35,16 +51,18 @@ from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
 
+#: Datagrams the reader takes in a row, without waiting, before it yields to other tasks.
+FAIRNESS = 16
+
 
 class AsyncPending(Generic[T]):
     """A request sent but not yet answered (see :meth:`AsyncClient.start_allocate`)."""
 
-    __slots__ = ("_call", "_client", "_done")
+    __slots__ = ("_call", "_client")
 
-    def __init__(self, client: AsyncClient, call: Call[T], done: trio.Event):
+    def __init__(self, client: AsyncClient, call: Call[T]):
         self._client = client
         self._call = call
-        self._done = done
 
     @property
     def serial(self) -> int:
@@ -57,7 +75,7 @@ class AsyncPending(Generic[T]):
         If the waiting task is cancelled, the request is abandoned: buffers it
         brings are closed and released when they come.
         """
-        return await self._client._wait(self._call, self._done)
+        return await self._client._wait(self._call)
 
 
 class AsyncClient:
@@ -68,79 +86,132 @@ class AsyncClient:
     :class:`AsyncPending` to wait on later.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, name: str):
-        self._sock = sock
+    def __init__(self, sock: socket.socket, name: str):
+        self._sock = sock  # non-blocking
         self._core = ClientConnection(name)
-        self._send_lock = trio.Lock()
-        self._events: dict[int, trio.Event] = {}  # by serial, for calls in flight
-        self._nursery: trio.Nursery | None = None  # where the reader runs
+        self._send_lock = trio.Lock()  # held only by a sender that waits for room
+        #: Waiters asleep while another waiter reads, by serial; each is woken when its
+        #: call is done, or to take over the reading.
+        self._parked: dict[int, trio.Event] = {}
+        self._reading = False  # a waiter is reading the socket
+        self._nursery: trio.Nursery | None = None  # where give-backs are sent from
         self.info: ServerInfo
 
-    async def _send(self, data: bytes) -> None:
+    def _try_send(self, data: bytes) -> bool:
+        """Send ``data`` if the socket has room now; False (nothing sent) if not."""
         try:
-            await self._sock.sendmsg([data])
+            self._sock.send(data)
+        except BlockingIOError:
+            return False
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the reader hears why the daemon closed, and wakes everyone
+            pass  # the next read hears why the daemon closed, and fails every call
+        return True
 
-    async def _start(self, call: Call[T]) -> AsyncPending[T]:
-        done = self._events[call.serial] = trio.Event()
+    async def _send(self, data: bytes) -> None:
+        while not self._try_send(data):
+            await trio.lowlevel.wait_writable(self._sock)
+
+    async def _send_call(self, call: Call[Any]) -> None:
         sent = False
         try:
-            async with self._send_lock:
-                await self._send(call.data)
-                sent = True
+            await trio.lowlevel.checkpoint_if_cancelled()
+            # Straight out if nobody waits for room (they would go first), else in turn.
+            sent = not self._send_lock.locked() and self._try_send(call.data)
+            if not sent:
+                async with self._send_lock:
+                    await self._send(call.data)
+                    sent = True
         finally:
             if not sent:  # cancelled before it went out: no answer will come
-                del self._events[call.serial]
                 self._core.withdraw(call)
-        # Not AsyncPending[T](...): that form costs microseconds on every request.
-        return AsyncPending(self, call, done)
 
-    async def _wait(self, call: Call[T], done: trio.Event) -> T:
+    async def _start(self, call: Call[T]) -> AsyncPending[T]:
+        await self._send_call(call)
+        # Nobody may wait for a while: take in the answers that have come to requests
+        # started before, so that they (and their fds) don't pile up in the socket
+        # and hold up the daemon. A reader, if any, takes them in itself.
+        core = self._core
+        if not self._reading:
+            while core.broken is None and core.pending > 1 and self._receive_one():
+                pass
+        # Not AsyncPending[T](...): that form costs microseconds on every request.
+        return AsyncPending(self, call)
+
+    async def _wait(self, call: Call[T]) -> T:
+        """Until ``call`` is done: read the socket if no other waiter does, else sleep
+        until the reader wakes this one (done, or its turn to read)."""
         try:
-            await done.wait()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while not call.done:
+                if not self._reading:
+                    await self._read_for(call)
+                    continue
+                parked = self._parked[call.serial] = trio.Event()
+                try:
+                    await parked.wait()
+                finally:
+                    if self._parked.get(call.serial) is parked:
+                        del self._parked[call.serial]
         except BaseException:
             self._core.abandon(call)
             # If the answer had come already, its RELEASE is queued now: send it.
             self._hand_off(self._core.data_to_send())
             raise
+        finally:
+            if not self._reading and self._parked:  # leaving: another waiter reads on
+                next(iter(self._parked.values())).set()
         return self._core.take(call)
 
     async def _call(self, call: Call[T]) -> T:
-        pending = await self._start(call)
-        return await self._wait(call, pending._done)
+        await self._send_call(call)
+        return await self._wait(call)
 
     def _wake(self, calls: list[Call[Any]]) -> None:
         for call in calls:
-            done = self._events.pop(call.serial, None)
-            if done is not None:
-                done.set()
+            parked = self._parked.get(call.serial)
+            if parked is not None:
+                parked.set()
 
-    async def _read(self) -> None:
+    def _receive_one(self) -> bool:
+        """Take in one datagram if one has come (False if none has), waking the
+        waiters of the calls it completes."""
         core = self._core
         try:
-            while core.broken is None:
-                try:
-                    data, fds = await fdpass.recv_async(self._sock)
-                except fdpass.Truncated as e:
-                    self._wake(core.truncated(e))
-                except OSError as e:
-                    self._wake(core.fail(ConnectionLost(f"the daemon closed the connection: {e}")))
-                else:
-                    self._wake(core.receive(data, fds))
-                self._hand_off(core.data_to_send())
+            data, fds = fdpass.recv(self._sock)
+        except BlockingIOError:
+            return False
+        except fdpass.Truncated as e:
+            self._wake(core.truncated(e))
+        except OSError as e:
+            self._wake(core.fail(ConnectionLost(f"the daemon closed the connection: {e}")))
+        else:
+            self._wake(core.receive(data, fds))
+        self._hand_off(core.data_to_send())
+        return True
+
+    async def _read_for(self, call: Call[Any]) -> None:
+        """Be the reader until ``call`` is done."""
+        core, sock, streak = self._core, self._sock, 0
+        self._reading = True
+        try:
+            while not call.done and core.broken is None:
+                if not self._receive_one():
+                    streak = 0
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except trio.ClosedResourceError:  # the block is exiting
+                        self._wake(core.fail(ConnectionLost("the connection was closed")))
+                    continue
+                streak += 1
+                if streak >= FAIRNESS:
+                    streak = 0
+                    await trio.lowlevel.checkpoint()
         finally:
-            # Cancelled (the block is exiting) or done: fail what is in flight before
-            # waking its waiters, so that each wakes to ConnectionLost, not to a call
-            # with no answer (trio may run a woken waiter before _close()).
-            if core.broken is None:
-                core.fail(ConnectionLost("the connection was closed"))
-            self._wake_all()
+            self._reading = False
 
     def _wake_all(self) -> None:
-        for done in self._events.values():
-            done.set()
-        self._events.clear()
+        for parked in self._parked.values():
+            parked.set()
 
     def _close(self) -> None:
         self._nursery = None
@@ -148,15 +219,21 @@ class AsyncClient:
         self._wake_all()
 
     def _hand_off(self, outgoing: list[bytes]) -> None:
-        """Send the core's own datagrams (give-back RELEASEs) from a task of their own.
+        """Send the core's own datagrams (give-back RELEASEs): at once if the socket has
+        room and no sender waits for it, so that they go before any later request;
+        else from a task of their own.
 
-        Never from the reader: sending may block on a full socket, under the send
-        lock, and a task waiting for an answer that only the reader can read would
-        then wait for ever while the daemon waits for us to read.
+        Never waiting from the reader: sending may block on a full socket, under the
+        send lock, and a task waiting for an answer that only the reader can read
+        would then wait for ever while the daemon waits for us to read.
         """
-        if outgoing and self._nursery is not None:
+        if not outgoing or self._nursery is None:
+            return  # with no nursery the connection is closing: the daemon frees them
+        if not self._send_lock.locked():
+            while outgoing and self._try_send(outgoing[0]):
+                del outgoing[0]
+        if outgoing:
             self._nursery.start_soon(self._send_all, outgoing)
-        # With no nursery the connection is closing: the daemon frees them itself.
 
     async def _send_all(self, outgoing: list[bytes]) -> None:
         async with self._send_lock:
@@ -257,18 +334,20 @@ async def connect_async(
     On leaving the block the connection closes: the daemon frees every buffer
     the client still owned, and buffers of answers never waited for are closed.
     """
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    with sock:
+    connecting = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with connecting:
         where = socket_path(path)
         try:
-            await sock.connect(where)
+            await connecting.connect(where)
         except OSError as e:  # connect() names no path: say which socket was tried
             raise OSError(e.errno, e.strerror, where) from None
+        sock = socket.socket(fileno=connecting.detach())
+    try:
+        sock.setblocking(False)
         client = AsyncClient(sock, _default_name() if name is None else name)
         try:
             async with trio.open_nursery() as nursery:
                 client._nursery = nursery
-                nursery.start_soon(client._read)
                 try:
                     client.info = await client._call(client._core.hello())
                     yield client
@@ -276,10 +355,13 @@ async def connect_async(
                     client._nursery = None
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The reader task never raises, so a lone exception is the caller's own
+            # The give-back tasks never raise, so a lone exception is the caller's own
             # (or the handshake's): give it back as it was, not wrapped in a group.
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
         finally:
             client._close()
+    finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()

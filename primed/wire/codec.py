@@ -158,7 +158,7 @@ def _tuple_getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[A
     return lambda row: ()
 
 
-def _path_field(expr: Any) -> str:
+def path_field(expr: Any) -> str:
     """The name of the field a construct expression such as ``this.count`` reads.
 
     Raises TypeError for anything that is not a plain field reference.
@@ -246,14 +246,14 @@ def _shape(declaration: Any) -> _Shape:
                 raise TypeError(f"fixed field {field.name} after a variable part")
             head.append(field)
         elif isinstance(inner, Bytes):
-            tails.append(_Tail(sub.name, "bytes", _path_field(inner.length)))
+            tails.append(_Tail(sub.name, "bytes", path_field(inner.length)))
         elif isinstance(inner, Array):
-            count, element = _path_field(inner.count), inner.subcon
+            count, element = path_field(inner.count), inner.subcon
             if isinstance(element, Switch):
                 if element.default is not Refuse:
                     raise TypeError(f"{sub.name}: a Switch must refuse unknown keys")
                 cases = dict(element.cases)
-                key = _path_field(element.keyfunc)
+                key = path_field(element.keyfunc)
                 tails.append(_Tail(sub.name, "switch", count, element=cases, key=key))
             elif isinstance(element, Struct):
                 tails.append(_Tail(sub.name, "records", count, element=element))

@@ -14,11 +14,13 @@ derived from both by :mod:`primed.wire.codec`.
 from __future__ import annotations
 
 import struct
-from typing import Literal
+from typing import Any, Literal
+
+from construct import Array, Int64ul, Struct, Terminated
 
 from primed.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from primed.wire import schema
-from primed.wire.codec import Malformed
+from primed.wire.codec import Malformed, Slots, path_field
 from primed.wire.messages import (
     LIST_BUFFERS,
     LIST_CLIENTS,
@@ -54,7 +56,7 @@ from primed.wire.messages import (
     Stats,
     Welcome,
 )
-from primed.wire.schema import MAX_MESSAGE
+from primed.wire.schema import MAX_MESSAGE, Opcode
 
 __all__ = [
     "HEADER_SIZE",
@@ -92,8 +94,12 @@ __all__ = [
     "Stats",
     "UnknownOpcode",
     "Welcome",
+    "allocate_datagram",
     "decode",
     "encode",
+    "one_buffer",
+    "release_datagram",
+    "released_count",
 ]
 
 _HEADER = schema.fixed(schema.HEADER).packer
@@ -166,3 +172,147 @@ def decode(
             f"{cls.OPCODE.name} carries {message.nfds} fds, {nfds} arrived", serial=serial
         )
     return serial, message
+
+
+# The client's fast paths. Each stands for one case of encode() or decode() and gives
+# the very bytes, or accepts only datagrams, that those would: the structs are the
+# schema's own declarations joined to the header, and import fails (TypeError) if a
+# declaration no longer has the shape written below. Whatever a decoder here does
+# not accept (None), decode() takes in full and says what is wrong with it.
+
+
+def _joined(opcode: Opcode, head: Any, element: Any = None) -> tuple[struct.Struct, int]:
+    """The header, ``head`` and (if given) one ``element`` of the body's one array, as
+    one struct; and the body's size.
+
+    Raises TypeError unless the body is ``head``, then (with ``element``) an array of
+    ``element`` counted by the head's ``count``, then Terminated.
+    """
+    body = list(schema.BODIES[opcode].subcons)
+    tail = [] if element is None else body[len(head.subcons) : -1]
+    shaped = body[: len(head.subcons)] == list(head.subcons) and body[-1] is Terminated
+    if element is None:
+        shaped = shaped and len(body) == len(head.subcons) + 1
+    else:
+        array = getattr(tail[0], "subcon", None) if len(tail) == 1 else None
+        shaped = (
+            shaped
+            and isinstance(array, Array)
+            and array.subcon is element
+            and path_field(array.count) == "count"
+        )
+    if not shaped:
+        raise TypeError(f"{opcode.name}'s body no longer has the shape its fast path reads")
+    parts = [head] if element is None else [head, element]
+    codes = "".join(
+        schema.fixed(p).packer.format[1:] if isinstance(p, Struct) else p.fmtstr[1:] for p in parts
+    )
+    joined = struct.Struct(_HEADER.format + codes)
+    return joined, joined.size - HEADER_SIZE
+
+
+def _check_names(what: str, declaration: Any, names: tuple[str, ...]) -> None:
+    if schema.fixed(declaration).names != names:
+        raise TypeError(f"{what} is no longer {names}")
+
+
+_PLANE_FIELDS = tuple(f"{name}{i}" for i in range(4) for name in ("offset", "pitch"))
+_check_names("HEADER", schema.HEADER, ("opcode", "nfds", "size", "serial"))
+_check_names("ALLOCATE_HEAD", schema.ALLOCATE_HEAD, ("width", "height", "fourcc", "count", "flags"))
+_check_names("ALLOCATED_HEAD", schema.ALLOCATED_HEAD, ("total", "index", "count", "reserved"))
+_check_names("RELEASE_HEAD", schema.RELEASE_HEAD, ("count", "reserved"))
+_check_names("RELEASED_HEAD", schema.RELEASED_HEAD, ("count", "reserved"))
+_check_names(
+    "BUFFER",
+    schema.BUFFER,
+    ("id", "width", "height", "fourcc", "nplanes", "modifier", "size", *_PLANE_FIELDS),
+)
+if BufferInfo.WIRE["planes"] != Slots("nplanes", ("offset", "pitch"), 1, 4):
+    raise TypeError("BufferInfo.planes is no longer 1 to 4 (offset, pitch) slots")
+_CONSTS = {
+    "ALLOCATE_HEAD": (schema.ALLOCATE_HEAD, ()),
+    "RELEASE_HEAD": (schema.RELEASE_HEAD, ((1, 0),)),
+    "ALLOCATED_HEAD": (schema.ALLOCATED_HEAD, ((3, 0),)),
+    "RELEASED_HEAD": (schema.RELEASED_HEAD, ((1, 0),)),
+    "BUFFER": (schema.BUFFER, ()),
+}
+for _name, (_declaration, _consts) in _CONSTS.items():
+    if schema.fixed(_declaration).consts != _consts:
+        raise TypeError(f"{_name}'s Consts are no longer {_consts}")
+
+_ALLOCATE, _ALLOCATE_BODY = _joined(Opcode.ALLOCATE, schema.ALLOCATE_HEAD)
+_RELEASE_ONE, _RELEASE_ONE_BODY = _joined(Opcode.RELEASE, schema.RELEASE_HEAD, Int64ul)
+_ONE_BUFFER, _ONE_BUFFER_BODY = _joined(Opcode.ALLOCATED, schema.ALLOCATED_HEAD, schema.BUFFER)
+_RELEASED, _RELEASED_BODY = _joined(Opcode.RELEASED, schema.RELEASED_HEAD)
+_OP_ALLOCATE, _OP_RELEASE = int(Opcode.ALLOCATE), int(Opcode.RELEASE)
+_OP_ALLOCATED, _OP_RELEASED = int(Opcode.ALLOCATED), int(Opcode.RELEASED)
+_ONE_BUFFER_SIZE, _RELEASED_SIZE = _ONE_BUFFER.size, _RELEASED.size
+
+
+def allocate_datagram(
+    serial: int, width: int, height: int, fourcc: int, count: int, flags: int
+) -> bytes:
+    """``encode(Allocate(width, height, fourcc, count, flags), serial)``, without the
+    message object. Raises LocalProtocolError if a field does not fit."""
+    try:
+        return _ALLOCATE.pack(
+            _OP_ALLOCATE, 0, _ALLOCATE_BODY, serial, width, height, fourcc, count, flags
+        )
+    except struct.error as e:
+        raise LocalProtocolError(f"Allocate: {e}") from None
+
+
+def release_datagram(serial: int, ids: tuple[int, ...] | list[int]) -> bytes:
+    """``encode(Release(tuple(ids)), serial)``; one id without the message object.
+    Raises LocalProtocolError if an id does not fit, or for too many."""
+    if len(ids) != 1:
+        return encode(Release(tuple(ids)), serial)
+    try:
+        return _RELEASE_ONE.pack(_OP_RELEASE, 0, _RELEASE_ONE_BODY, serial, 1, 0, ids[0])
+    except struct.error as e:
+        raise LocalProtocolError(f"Release: {e}") from None
+
+
+def one_buffer(
+    data: bytes, nfds: int
+) -> tuple[int, int, int, int, int, int, int, tuple[tuple[int, int], ...]] | None:
+    """An ALLOCATED that is the whole answer (total 1, index 0) of one buffer, with its
+    one fd: ``(serial, id, width, height, fourcc, modifier, size, planes)``, each plane
+    an ``(offset, pitch)``, when decode() would accept ``data``; else None."""
+    if nfds != 1 or len(data) != _ONE_BUFFER_SIZE:
+        return None
+    (
+        opcode, header_fds, size, serial, total, index, count, reserved,
+        ident, width, height, fourcc, nplanes, modifier, bytes_,
+        o0, p0, o1, p1, o2, p2, o3, p3,
+    ) = _ONE_BUFFER.unpack(data)  # fmt: skip
+    if (
+        opcode != _OP_ALLOCATED
+        or header_fds != 1
+        or size != _ONE_BUFFER_BODY
+        or total != 1
+        or index
+        or count != 1
+        or reserved
+    ):
+        return None
+    if nplanes == 1:
+        if o1 or p1 or o2 or p2 or o3 or p3:
+            return None
+        planes: tuple[tuple[int, int], ...] = ((o0, p0),)
+    else:
+        slots = ((o0, p0), (o1, p1), (o2, p2), (o3, p3))
+        if not 1 <= nplanes <= 4 or any(o or p for o, p in slots[nplanes:]):
+            return None
+        planes = slots[:nplanes]
+    return serial, ident, width, height, fourcc, modifier, bytes_, planes
+
+
+def released_count(data: bytes, nfds: int) -> tuple[int, int] | None:
+    """A RELEASED: ``(serial, count)`` when decode() would accept ``data``; else None."""
+    if nfds or len(data) != _RELEASED_SIZE:
+        return None
+    opcode, header_fds, size, serial, count, reserved = _RELEASED.unpack(data)
+    if opcode != _OP_RELEASED or header_fds or size != _RELEASED_BODY or reserved:
+        return None
+    return serial, count

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -151,7 +152,7 @@ async def test_request_cancelled_before_it_was_sent_is_forgotten(tmp_path: Path)
             scope.cancel()
         assert scope.cancelled_caught
         assert client._core.pending == pending
-        assert client._events == {}
+        assert client._parked == {}
         assert client._core.data_to_send() == []
 
 
@@ -174,3 +175,143 @@ async def test_give_back_does_not_stall_the_reader_on_a_full_socket(tmp_path: Pa
         # Only the reader can read this answer: it must not be stuck sending.
         with trio.fail_after(5):
             assert await waited.wait() == 1
+
+
+class _Waiters:
+    """Two tasks, each waiting on a QUERY: ``first`` waits first and so reads the
+    socket, ``second`` sleeps. ``got`` holds their outcomes as they end, ``ended``
+    is set as each ends, ``scopes`` cancels them, ``serials`` are their requests'."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, object] = {}
+        self.ended = {"first": trio.Event(), "second": trio.Event()}
+        self.scopes = {"first": trio.CancelScope(), "second": trio.CancelScope()}
+        self.serials: dict[str, int] = {}
+
+    async def ended_all(self) -> None:
+        with trio.fail_after(5):
+            for ended in self.ended.values():
+                await ended.wait()
+
+
+async def _reader_and_sleeper(
+    client: primed.AsyncClient, daemon: Scripted, nursery: trio.Nursery
+) -> _Waiters:
+    waiters = _Waiters()
+
+    async def ask(who: str) -> None:
+        try:
+            with waiters.scopes[who]:
+                try:
+                    waiters.got[who] = await client.query()
+                except primed.PrimedError as e:
+                    waiters.got[who] = e
+                return
+            waiters.got[who] = "cancelled"
+        finally:
+            waiters.ended[who].set()
+
+    for who in ("first", "second"):
+        nursery.start_soon(ask, who)
+        waiters.serials[who], _ = await daemon.read()
+        await trio.testing.wait_all_tasks_blocked()
+    assert client._reading and list(client._parked) == [waiters.serials["second"]]
+    return waiters
+
+
+def _queried() -> protocol.Queried:
+    return protocol.Queried(
+        Backend.MEMFD, "", (0, 0, 0), "", 64, 64, 4, 1 << 20, (), (), 0, 0, 0, 0
+    )
+
+
+async def test_a_cancelled_reader_hands_the_reading_to_a_sleeping_waiter(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon), trio.open_nursery() as nursery:
+        waiters = await _reader_and_sleeper(client, daemon, nursery)
+        waiters.scopes["first"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert waiters.got == {"first": "cancelled"}
+        assert client._reading and client._parked == {}  # the sleeper reads now
+        await daemon.answer(waiters.serials["second"], _queried())
+        await waiters.ended_all()
+        assert isinstance(waiters.got["second"], primed.Offer)
+        assert not client._reading and client._parked == {}
+
+
+@pytest.mark.parametrize("order", [("first", "second"), ("second", "first")])
+async def test_answers_in_any_order_reach_the_reader_and_the_sleeper(
+    tmp_path: Path, order: tuple[str, str]
+) -> None:
+    async with scripted(tmp_path) as (client, daemon), trio.open_nursery() as nursery:
+        waiters = await _reader_and_sleeper(client, daemon, nursery)
+        for who in order:
+            await daemon.answer(waiters.serials[who], _queried())
+            with trio.fail_after(5):
+                await waiters.ended[who].wait()
+        assert all(isinstance(waiters.got[who], primed.Offer) for who in order)
+        assert not client._reading and client._parked == {}
+
+
+async def test_every_waiter_gets_connection_lost_when_the_daemon_hangs_up(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon), trio.open_nursery() as nursery:
+        waiters = await _reader_and_sleeper(client, daemon, nursery)
+        daemon.sock.close()
+        await waiters.ended_all()
+        assert all(isinstance(e, primed.ConnectionLost) for e in waiters.got.values())
+
+
+async def test_answers_to_started_requests_are_taken_in_before_anyone_waits(
+    tmp_path: Path,
+) -> None:
+    async with scripted(tmp_path) as (client, daemon):
+        first = await client.start_allocate(16, 16)
+        serial, _ = await daemon.read()
+        fd = os.memfd_create("early", os.MFD_CLOEXEC)
+        try:
+            await daemon.answer(serial, Allocated(1, 0, (_info(1),)), [fd])
+        finally:
+            os.close(fd)
+        second = await client.start_release(1)  # takes in the first's answer, fd and all
+        assert client._core.pending == 1
+        serial, _ = await daemon.read()
+        await daemon.answer(serial, Released(1))
+        with trio.fail_after(5):
+            buffer = await first.wait()
+            assert await second.wait() == 1
+        buffer.close()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps (resumptions) of every task but those in ``apart``."""
+
+    def __init__(self, apart: set[trio.lowlevel.Task]):
+        self.apart = apart
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task not in self.apart
+
+
+async def test_one_request_at_a_time_resumes_its_task_once(tmp_path: Path) -> None:
+    async with scripted(tmp_path) as (client, daemon), trio.open_nursery() as nursery:
+        daemon_side: set[trio.lowlevel.Task] = set()
+
+        async def serve() -> None:
+            daemon_side.add(trio.lowlevel.current_task())
+            while True:
+                serial, _ = await daemon.read()
+                await daemon.answer(serial, Released(1))
+
+        nursery.start_soon(serve)
+        assert await client.release(1) == 1  # the reader's first wait is behind us
+        steps = _Steps(daemon_side)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for _ in range(20):
+                assert await client.release(1) == 1
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        # The client's side runs once per request, when the answer is there to read:
+        # no trip for the send, none through a reader task, none after a receive.
+        assert steps.steps == 20, steps.steps
+        nursery.cancel_scope.cancel()

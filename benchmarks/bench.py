@@ -275,16 +275,40 @@ def profiled_round_trips(
     daemon: workloads.Server, rt: workloads.BlockingRoundTrips, plan: Plan, out: Path
 ) -> dict[str, Any]:
     """py-spy on the daemon while ``rt`` does the plan's round trips (64x64); the
-    summary, and the daemon's CPU per round trip during them (sampling included)."""
-    before = cpu.cpu_ns(daemon.pid)
+    summary, and the daemon's CPU (and user CPU) per round trip during them, the
+    sampling's cost included."""
+    before, (user, _) = cpu.cpu_ns(daemon.pid), cpu.stat_ns(daemon.pid)
     with profile.sampled(daemon.pid, out, plan.profile_rate):
         taken = rt.block(64, 64, plan.profile_round_trips)
-    spent = cpu.cpu_ns(daemon.pid) - before
+    spent, (user_after, _) = cpu.cpu_ns(daemon.pid) - before, cpu.stat_ns(daemon.pid)
     summary = profile.summarise(out)
     summary["round_trips"] = len(taken)
     summary["median_us"] = workloads.stats(taken)["median_us"]
     summary["daemon_cpu_us"] = spent / max(1, len(taken)) / 1000
+    summary["daemon_user_us"] = (user_after - user) / max(1, len(taken)) / 1000
     return summary
+
+
+#: A blocking client doing round trips on its own: argv[1] the socket, argv[2] how many.
+_CLIENT_LOOP = (
+    "import sys\n"
+    "from benchmarks.workloads import BlockingRoundTrips, Target\n"
+    "runs = BlockingRoundTrips(sys.argv[1], Target('memfd'))\n"
+    "runs.block(64, 64, 200)\n"
+    "runs.block(64, 64, int(sys.argv[2]))\n"
+    "runs.close()\n"
+)
+_CLIENT_STEP = "BlockingRoundTrips.block (benchmarks/workloads.py)"
+
+
+def profile_client(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Where the blocking client's CPU goes in the 64x64 round trip: py-spy on a client
+    process of its own, the samples under its round-trip loop only."""
+    out = workdir / "spy-client.txt"
+    with workloads.primed_server(target, workdir, plan.start_timeout) as daemon:
+        argv = [sys.executable, "-c", _CLIENT_LOOP, daemon.path, str(plan.profile_round_trips)]
+        profile.recorded(argv, out, plan.profile_rate)
+    return profile.summarise(out, within=_CLIENT_STEP)
 
 
 def profile_daemon(target: Target, plan: Plan, workdir: Path) -> dict[str, Any] | None:
@@ -304,6 +328,10 @@ def profile_daemon(target: Target, plan: Plan, workdir: Path) -> dict[str, Any] 
         finally:
             rt.close()
     say(f"  profile: {summary['samples']} samples, top: {summary['self'][0]['function']}")
+    try:
+        summary["client"] = profile_client(target, plan, workdir)
+    except RuntimeError as e:
+        summary["client"] = {"error": str(e)}
     return summary
 
 

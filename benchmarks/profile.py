@@ -4,9 +4,14 @@ py-spy (a sampling profiler that reads the interpreter's stacks from outside)
 records the process while the benchmark drives it; its raw output (one line per
 distinct stack, ``frame;frame;... count``) is summed here into each function's
 share of the samples: ``self`` (the sample's innermost frame) and ``total`` (the
-function anywhere on the stack, once per sample). Idle samples (the process
-waiting in a syscall with the GIL released) are left out by py-spy, so the
-shares are of the time the process was running Python or a syscall it called.
+function anywhere on the stack, once per sample).
+
+Only samples that hold the GIL count (py-spy's ``--gil``): py-spy's own idle
+detection does not tell a thread blocked in recvmsg or epoll_wait from one
+running on this machine, so without it waiting would swamp the work. The
+shares are therefore of the time spent running Python (the interpreter, and C
+code called with the GIL held): of the process's user CPU, roughly; the system
+calls, made with the GIL released, are its system CPU, counted apart.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def sampled(pid: int, out: Path, rate: int = 100, timeout: float = 60.0) -> Iter
     spy = py_spy()
     if spy is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
-    argv = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate)]
+    argv = [spy, "record", "--gil", "--pid", str(pid), "--format", "raw", "--rate", str(rate)]
     process = subprocess.Popen(
         [*argv, "--output", str(out)],
         stdin=subprocess.DEVNULL,
@@ -83,6 +88,26 @@ WAITS = ("EpollIOManager.get_events", "EpollIOManager._epoll_wait")
 OWN = ("primed/",)
 
 
+def recorded(argv: list[str], out: Path, rate: int = 100, timeout: float = 600.0) -> None:
+    """Run ``argv`` (a Python program) under py-spy until it exits, recording into
+    ``out`` (raw format). Raises RuntimeError if py-spy is absent or the program fails."""
+    spy = py_spy()
+    if spy is None:
+        raise RuntimeError("py-spy is not installed (pip install py-spy)")
+    spy_argv = [spy, "record", "--gil", "--format", "raw", "--rate", str(rate)]
+    done = subprocess.run(
+        [*spy_argv, "--output", str(out), "--", *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0 or not out.exists():
+        said = (done.stdout + done.stderr).strip()[-500:]
+        raise RuntimeError(f"py-spy record failed ({done.returncode}): {said}")
+
+
 def _function(frame: str) -> str:
     match = _FRAME.match(frame.strip())
     if match is None:
@@ -90,11 +115,12 @@ def _function(frame: str) -> str:
     return f"{match['name']} ({match['file']})"
 
 
-def summarise(raw: Path, top: int = 20) -> dict[str, Any]:
+def summarise(raw: Path, top: int = 20, within: str | None = None) -> dict[str, Any]:
     """The ``top`` functions by self share of py-spy's samples in ``raw``, and the
     ``top`` of primed's own functions by total share (but those on every sample's
     stack); samples waiting in the event loop (:data:`WAITS`) are counted in
-    ``waiting`` and left out of the shares."""
+    ``waiting`` and left out of the shares. With ``within``, only the samples with
+    that function (``name (file)``) on their stack count: the work under it."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     samples = waiting = 0
@@ -104,6 +130,8 @@ def summarise(raw: Path, top: int = 20) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = [_function(f) for f in stack.split(";")]
+        if within is not None and within not in frames:
+            continue
         if any(wait in frames[-1] for wait in WAITS):
             waiting += count
             continue

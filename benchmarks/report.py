@@ -455,16 +455,30 @@ def _cpu_sections(name: str, data: dict[str, Any]) -> list[tuple[str, Row, list[
         )
     summary = data.get("profile")
     if summary and "error" not in summary:
-        per_rt = counts["blocking"]["server_us"] if counts else None
+        per_rt = counts["blocking"]["server_user_us"] if counts else None
         out.append(
             (
-                f"{name}: where the daemon's CPU goes, blocking 64x64 round trip (py-spy, "
-                f"{summary['samples']} samples, {summary['waiting']} more waiting in epoll; "
-                "us: share of the daemon's CPU per round trip)",
+                f"{name}: where the daemon's Python time goes, blocking 64x64 round trip "
+                f"(py-spy --gil, {summary['samples']} samples; us: share of the daemon's "
+                "user CPU per round trip, from the CPU counts)",
                 ["", "function", "share", "us"],
                 _profile_rows(summary, per_rt),
             )
         )
+        client = summary.get("client", {})
+        if "error" in client:
+            out.append((f"{name}: client profile", ["error"], [[client["error"]]]))
+        elif client:
+            per_rt = counts["blocking"]["client_user_us"] if counts else None
+            out.append(
+                (
+                    f"{name}: where the blocking client's Python time goes, 64x64 round trip "
+                    f"(py-spy --gil, {client['samples']} samples in its round-trip loop; us: "
+                    "share of the client's user CPU per round trip, from the CPU counts)",
+                    ["", "function", "share", "us"],
+                    _profile_rows(client, per_rt),
+                )
+            )
     elif summary:
         out.append((f"{name}: daemon profile", ["error"], [[summary["error"]]]))
     for level in data.get("live_buffers", {}).get("levels", []):
@@ -472,12 +486,13 @@ def _cpu_sections(name: str, data: dict[str, Any]) -> list[tuple[str, Row, list[
         if got and "error" not in got:
             out.append(
                 (
-                    f"{name}: where the daemon's CPU goes at {level['live']:,} live buffers "
-                    f"(py-spy, {got['samples']} samples, {got['waiting']} more waiting; "
-                    f"{got['round_trips']} round trips, median {_us(got['median_us'])}, daemon "
-                    f"{got['daemon_cpu_us']:.0f} us CPU each while sampled)",
+                    f"{name}: where the daemon's Python time goes at {level['live']:,} live "
+                    f"buffers (py-spy --gil, {got['samples']} samples; {got['round_trips']} "
+                    f"round trips while sampled, median {_us(got['median_us'])}, daemon CPU "
+                    f"{got['daemon_cpu_us']:.0f} us each, {got['daemon_user_us']:.0f} user; "
+                    "us: share of that user CPU)",
                     ["", "function", "share", "us"],
-                    _profile_rows(got, got["daemon_cpu_us"]),
+                    _profile_rows(got, got.get("daemon_user_us")),
                 )
             )
         elif got:

@@ -352,7 +352,14 @@ def throughput(target: Target, plan: Plan, workdir: Path) -> list[dict[str, Any]
                 }
                 for kind, server in (("floor", base), ("primed", daemon)):
                     row[kind] = workloads.throughput(
-                        kind, server.path, clients, window, plan.duration, workdir, plan.warm_up
+                        kind,
+                        server.path,
+                        clients,
+                        window,
+                        plan.duration,
+                        workdir,
+                        plan.warm_up,
+                        timeout=plan.start_timeout,
                     )
                 rows.append(row)
                 say(

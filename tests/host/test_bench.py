@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import cpu, profile, report
+import pytest
+
+from benchmarks import cpu, profile, report, workloads
 
 SECTIONS = ("roundtrip", "cpu", "batch", "profile", "throughput", "live_buffers", "idle_clients")
 #: Every target issue #14 sets, by the start of its row's name.
@@ -219,7 +221,7 @@ def test_merge_judges_targets_and_draws_charts(tmp_path: Path) -> None:
     assert judged["Daemon CPU per round trip (Python client)"] == (2.5, False)
     assert judged["Client CPU per round trip (blocking)"] == (1.5, True)
     assert judged["Daemon CPU per round trip (C client)"] == (1.5, True)
-    assert judged["Batch of 253: ALLOCATE + RELEASE per buffer"] == (2.0, False)
+    assert judged["Batch of 253: CPU per buffer, ALLOCATE + RELEASE"] == (2.0, False)
     # 100 pairs/s at 64 clients, against the larger of 10,000/s and 8 clients' 100/s.
     assert judged["Throughput, 64 clients, one pair at a time (memfd)"] == (0.01, False)
     assert judged["Live buffers, 1,000 vs 10 (vgem)"] == (1.0, True)
@@ -286,3 +288,14 @@ def test_profile_summary_sums_self_and_total_and_sets_waiting_apart(tmp_path: Pa
         "handle (primed/daemon/core.py)": 0.8,
         "encode (primed/wire/codec.py)": 0.6,
     }
+
+
+def test_throughput_clients_that_fail_to_start_raise_instead_of_hanging(tmp_path: Path) -> None:
+    """Clients that die before they are ready (here: nothing listens) end the run with
+    their error; the parent does not wait for them for ever."""
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"only 0 of 3 primed clients got ready: .*Error"):
+        workloads.throughput(
+            "primed", str(tmp_path / "nothing.sock"), 3, 1, 0.1, tmp_path, 1, timeout=60.0
+        )
+    assert time.monotonic() - started < 60.0  # EOF said so, not the timeout

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import codec, report, workloads
+import primed
+from benchmarks import codec, cpu, profile, report, workloads
 from benchmarks.workloads import Target
 
 
@@ -48,6 +49,13 @@ class Plan:
     codec_iterations: int
     start_timeout: float
     warm_up: int  #: units each throughput client runs before the clock starts
+    cpu_samples: int = 4000  #: round trips per runner for the CPU counts (64x64)
+    cpu_budget: float = 20.0
+    batch_samples: int = 40  #: batches of BATCH buffers per runner
+    batch_budget: float = 10.0
+    batch_block: int = 5
+    profile_round_trips: int = 0  #: round trips under py-spy (0: no profile)
+    profile_rate: int = 500  #: py-spy's samples per second
 
 
 SIZES = ((64, 64), (640, 480), (1920, 1080), (3840, 2160))
@@ -59,29 +67,42 @@ PLANS = {
         "host": Plan(
             SIZES, 5000, 12.0, 250, (1, 8, 64, 256), 8, 3.0,
             (10, 1000, 100000), 3000, 8.0, 256, 20000, 60.0, 3,
+            profile_round_trips=20000,
         ),
         "vm": Plan(
             SIZES, 300, 8.0, 10, (1, 8, 64, 256), 8, 3.0,
             (10, 1000, 100000), 200, 6.0, 256, 2000, 180.0, 1,
+            cpu_samples=300, cpu_budget=10.0, batch_samples=10, batch_block=2,
+            profile_round_trips=2000, profile_rate=200,
         ),
     },
     "quick": {
         "host": Plan(
-            SMALL_AND_BIG, 1000, 1.5, 100, (1, 8, 64), 8, 0.5,
+            ((64, 64),), 1000, 1.5, 100, (1, 8, 64), 8, 0.5,
             (10, 1000, 10000), 500, 1.0, 64, 2000, 60.0, 3,
+            cpu_samples=1000, cpu_budget=4.0, batch_samples=10, batch_budget=3.0,
+            profile_round_trips=3000,
         ),
         "vm": Plan(
-            SMALL_AND_BIG, 30, 1.0, 10, (1, 8), 4, 0.5,
+            ((64, 64),), 30, 1.0, 10, (1, 8), 4, 0.5,
             (10, 1000), 20, 1.0, 8, 500, 180.0, 1,
+            cpu_samples=30, cpu_budget=2.0, batch_samples=2, batch_block=1,
+            profile_round_trips=200, profile_rate=200,
         ),
     },
     "smoke": {
         "host": Plan(
-            ((64, 64),), 20, 0.5, 10, (1, 2), 2, 0.2,
+            ((64, 64),), 20, 0.5, 10, (8, 64), 2, 0.2,
             (10, 50), 20, 0.5, 4, 200, 60.0, 1,
+            cpu_samples=20, cpu_budget=0.5, batch_samples=2, batch_budget=0.5, batch_block=1,
+            profile_round_trips=200,
         ),
     },
 }  # fmt: skip
+#: Buffers per batch: the most one ALLOCATED datagram carries (SCM_MAX_FD).
+BATCH = 253
+#: Targets whose live-buffer levels are profiled (first and last level), when the plan profiles.
+PROFILE_LIVE = {"vgem"}
 #: Live buffers per target at most: virtio-gpu allocates in milliseconds under emulation.
 LIVE_CAP = {"virtio_gpu": 1000}
 #: Client processes per target at most, for the same reason.
@@ -157,6 +178,163 @@ def roundtrips(target: Target, plan: Plan, workdir: Path) -> list[dict[str, Any]
     return rows
 
 
+def cpu_per_round_trip(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """CPU per 64x64 round trip, client and server counted apart, for the Python
+    runners and for the C client against primed's daemon and the floor's server.
+
+    One daemon serves the primed runners; the floor's blocking server serves one
+    connection at a time, so the Python and the C floor clients get one each.
+    """
+    me = os.getpid()
+    binary = cpu.build_c_client(workdir)
+    with (
+        workloads.primed_server(target, workdir, plan.start_timeout) as daemon,
+        workloads.floor_server(target, workdir, "blocking", plan.start_timeout) as base,
+        workloads.floor_server(target, workdir, "blocking", plan.start_timeout) as base_c,
+    ):
+        in_process = workloads.InProcess(target)
+        floor_rt = workloads.FloorRoundTrips(base.path, target)
+        blocking = workloads.BlockingRoundTrips(daemon.path, target)
+        trio_rt = workloads.TrioRoundTrips(daemon.path, target)
+        c_floor = cpu.CRoundTrips(binary, "floor", base_c.path)
+        c_primed = cpu.CRoundTrips(binary, "primed", daemon.path)
+        try:
+            runners = {
+                "in_process": cpu.Metered(functools.partial(in_process.block, 64, 64), me, None),
+                "floor": cpu.Metered(functools.partial(floor_rt.block, 64, 64), me, base.pid),
+                "blocking": cpu.Metered(functools.partial(blocking.block, 64, 64), me, daemon.pid),
+                "trio": cpu.Metered(functools.partial(trio_rt.block, 64, 64), me, daemon.pid),
+                "c_floor": cpu.Metered(c_floor.block, c_floor.pid, base_c.pid),
+                "c_primed": cpu.Metered(c_primed.block, c_primed.pid, daemon.pid),
+            }
+            usage, taken = cpu.metered(runners, plan.cpu_samples, plan.cpu_budget, plan.rt_block)
+        finally:
+            in_process.close()
+            floor_rt.close()
+            blocking.close()
+            trio_rt.close()
+            c_floor.close()
+            c_primed.close()
+    result: dict[str, Any] = {"size": "64x64", "perf": cpu.perf_instructions()}
+    for name, use in usage.items():
+        result[name] = {**use.per_round_trip(), **workloads.stats(taken[name])}
+    say(
+        "  CPU per round trip: "
+        + ", ".join(
+            f"{name} {result[name]['client_us']:.0f}+{result[name]['server_us']:.0f} us"
+            for name in usage
+        )
+    )
+    return result
+
+
+def batch(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Per buffer: one ALLOCATE of BATCH buffers and one RELEASE of them all, against
+    the memfd backend's kernel calls for as many buffers in one process."""
+    me = os.getpid()
+    with workloads.primed_server(target, workdir, plan.start_timeout) as daemon:
+        client = primed.connect(daemon.path, name="bench")
+        try:
+
+            def primed_batches(count: int) -> list[int]:
+                clock = time.perf_counter_ns
+                samples = []
+                for _ in range(count):
+                    start = clock()
+                    client.release(*client.allocate_many(64, 64, "XR24", BATCH))
+                    samples.append(clock() - start)
+                return samples
+
+            in_process = cpu.InProcessBatch(BATCH)
+            usage, taken = cpu.metered(
+                {
+                    "in_process": cpu.Metered(in_process.block, me, None),
+                    "primed": cpu.Metered(primed_batches, me, daemon.pid),
+                },
+                plan.batch_samples,
+                plan.batch_budget,
+                plan.batch_block,
+            )
+        finally:
+            client.close()
+    result: dict[str, Any] = {"count": BATCH, "size": "64x64"}
+    for name, use in usage.items():
+        result[name] = {
+            **use.per_round_trip(per=BATCH),
+            "batch_median_us": workloads.stats(taken[name])["median_us"],
+        }
+    say(
+        f"  batch of {BATCH}, per buffer: in-process {result['in_process']['wall_us']:.1f} us, "
+        f"primed {result['primed']['wall_us']:.1f} us "
+        f"(daemon {result['primed']['server_us']:.1f}, client {result['primed']['client_us']:.1f})"
+    )
+    return result
+
+
+def profiled_round_trips(
+    daemon: workloads.Server, rt: workloads.BlockingRoundTrips, plan: Plan, out: Path
+) -> dict[str, Any]:
+    """py-spy on the daemon while ``rt`` does the plan's round trips (64x64); the
+    summary, and the daemon's CPU (and user CPU) per round trip during them, the
+    sampling's cost included."""
+    before, (user, _) = cpu.cpu_ns(daemon.pid), cpu.stat_ns(daemon.pid)
+    with profile.sampled(daemon.pid, out, plan.profile_rate):
+        taken = rt.block(64, 64, plan.profile_round_trips)
+    spent, (user_after, _) = cpu.cpu_ns(daemon.pid) - before, cpu.stat_ns(daemon.pid)
+    summary = profile.summarise(out)
+    summary["round_trips"] = len(taken)
+    summary["median_us"] = workloads.stats(taken)["median_us"]
+    summary["daemon_cpu_us"] = spent / max(1, len(taken)) / 1000
+    summary["daemon_user_us"] = (user_after - user) / max(1, len(taken)) / 1000
+    return summary
+
+
+#: A blocking client doing round trips on its own: argv[1] the socket, argv[2] how many.
+_CLIENT_LOOP = (
+    "import sys\n"
+    "from benchmarks.workloads import BlockingRoundTrips, Target\n"
+    "runs = BlockingRoundTrips(sys.argv[1], Target('memfd'))\n"
+    "runs.block(64, 64, 200)\n"
+    "runs.block(64, 64, int(sys.argv[2]))\n"
+    "runs.close()\n"
+)
+_CLIENT_STEP = "BlockingRoundTrips.block (benchmarks/workloads.py)"
+
+
+def profile_client(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Where the blocking client's CPU goes in the 64x64 round trip: py-spy on a client
+    process of its own, the samples under its round-trip loop only."""
+    out = workdir / "spy-client.txt"
+    with workloads.primed_server(target, workdir, plan.start_timeout) as daemon:
+        argv = [sys.executable, "-c", _CLIENT_LOOP, daemon.path, str(plan.profile_round_trips)]
+        profile.recorded(argv, out, plan.profile_rate)
+    return profile.summarise(out, within=_CLIENT_STEP)
+
+
+def profile_daemon(target: Target, plan: Plan, workdir: Path) -> dict[str, Any] | None:
+    """Where the daemon's CPU goes in the blocking 64x64 round trip (py-spy), or None
+    when the plan takes no profile; {"error": why} when py-spy can't."""
+    if not plan.profile_round_trips:
+        return None
+    with workloads.primed_server(target, workdir, plan.start_timeout) as daemon:
+        rt = workloads.BlockingRoundTrips(daemon.path, target)
+        try:
+            rt.block(64, 64, 200)  # warm-up
+            try:
+                summary = profiled_round_trips(daemon, rt, plan, workdir / "spy.txt")
+            except RuntimeError as e:
+                say(f"  profile: {e}")
+                return {"error": str(e)}
+        finally:
+            rt.close()
+    say(f"  profile: {summary['samples']} samples, top: {summary['self'][0]['function']}")
+    try:
+        summary["client"] = profile_client(target, plan, workdir)
+    except RuntimeError as e:
+        summary["client"] = {"error": str(e)}
+    return summary
+
+
 def throughput(target: Target, plan: Plan, workdir: Path) -> list[dict[str, Any]]:
     rows = []
     with (
@@ -174,7 +352,14 @@ def throughput(target: Target, plan: Plan, workdir: Path) -> list[dict[str, Any]
                 }
                 for kind, server in (("floor", base), ("primed", daemon)):
                     row[kind] = workloads.throughput(
-                        kind, server.path, clients, window, plan.duration, workdir, plan.warm_up
+                        kind,
+                        server.path,
+                        clients,
+                        window,
+                        plan.duration,
+                        workdir,
+                        plan.warm_up,
+                        timeout=plan.start_timeout,
                     )
                 rows.append(row)
                 say(
@@ -198,6 +383,7 @@ def live_buffers(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
     if cap is not None:
         levels = sorted({min(level, cap) for level in levels})
     rows = []
+    profiling = bool(plan.profile_round_trips) and target.name in PROFILE_LIVE
     with (
         workloads.primed_server(target, workdir, plan.start_timeout) as daemon,
         workloads.floor_server(target, workdir, "blocking", plan.start_timeout) as base,
@@ -225,6 +411,13 @@ def live_buffers(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
                 row: dict[str, Any] = {"live": level}
                 row.update({name: workloads.stats(s) for name, s in taken.items()})
                 row["rss"] = {"floor": workloads.settle(base), "primed": workloads.settle(daemon)}
+                if profiling and level in (levels[0], levels[-1]):
+                    try:
+                        out = workdir / f"spy-{target.name}-{level}.txt"
+                        row["profile"] = profiled_round_trips(daemon, blocking, plan, out)
+                    except RuntimeError as e:
+                        row["profile"] = {"error": str(e)}
+                        say(f"  profile: {e}")
                 rows.append(row)
                 say(f"  {level} live buffers: " + report.brief(row))
         finally:
@@ -258,21 +451,40 @@ def idle_memory(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def run_target(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
+#: The measurements, in the order they run; cpu, batch and profile on memfd only.
+SECTIONS = ("roundtrip", "cpu", "batch", "profile", "throughput", "live_buffers", "idle_clients")
+_MEMFD_ONLY = {"cpu", "batch", "profile"}
+
+
+def run_target(
+    target: Target, plan: Plan, workdir: Path, sections: tuple[str, ...] = SECTIONS
+) -> dict[str, Any]:
     say(f"{target.name}: {target.card or 'no device'}")
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "target": dataclasses.asdict(target),
-        "roundtrip": roundtrips(target, plan, workdir),
-        "throughput": throughput(target, plan, workdir),
-        "live_buffers": live_buffers(target, plan, workdir),
-        "idle_clients": idle_memory(target, plan, workdir),
+    runs = {
+        "roundtrip": roundtrips,
+        "cpu": cpu_per_round_trip,
+        "batch": batch,
+        "profile": profile_daemon,
+        "throughput": throughput,
+        "live_buffers": live_buffers,
+        "idle_clients": idle_memory,
     }
+    result: dict[str, Any] = {"target": dataclasses.asdict(target)}
+    for name in SECTIONS:
+        if name in sections and (target.card is None or name not in _MEMFD_ONLY):
+            result[name] = runs[name](target, plan, workdir)
     result["seconds"] = time.monotonic() - started
     return result
 
 
-def measure(names: list[str], mode: str, with_codec: bool, part: str) -> dict[str, Any]:
+def measure(
+    names: list[str],
+    mode: str,
+    with_codec: bool,
+    part: str,
+    sections: tuple[str, ...] = SECTIONS,
+) -> dict[str, Any]:
     plans = PLANS[mode]
     plan = plans.get(part, plans["host"])
     workloads.raise_nofile()
@@ -288,7 +500,7 @@ def measure(names: list[str], mode: str, with_codec: bool, part: str) -> dict[st
         result["codec"] = codec.measure(plan.codec_iterations)
     with tempfile.TemporaryDirectory(prefix="primed-bench-", dir="/tmp") as tmp:
         for target in workloads.find_targets(names):
-            result["targets"][target.name] = run_target(target, plan, Path(tmp))
+            result["targets"][target.name] = run_target(target, plan, Path(tmp), sections)
             result["targets"][target.name]["where"] = part
     return result
 
@@ -300,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke")
     parser.add_argument("--targets", default="memfd", help="comma-separated (default memfd)")
     parser.add_argument("--part", default="host", help="a label for this part (host, vm)")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated measurements to take (default all: {','.join(SECTIONS)})",
+    )
     parser.add_argument("--json", metavar="OUT", help="write the results here")
     parser.add_argument("--codec", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--merge", metavar="OUT", help="merge the PART files into OUT")
@@ -321,7 +538,11 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"chart: {path}")
         print(report.markdown(merged) if args.markdown else report.table(merged))
         return 0
-    result = measure(args.targets.split(","), args.mode or "full", args.codec, args.part)
+    sections = tuple(args.sections.split(","))
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
+    result = measure(args.targets.split(","), args.mode or "full", args.codec, args.part, sections)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(report.table(report.merge([result])))

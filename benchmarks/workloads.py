@@ -379,7 +379,9 @@ def _worker(
         client = floor.Client(path)
         unit: Callable[[Any], None] = _floor_unit(*size, window)
     else:
-        client = primed.connect(path, name="bench")
+        # No handshake deadline: under emulation 64 clients saying hello at once wait
+        # longer than the default 5 s; the parent bounds the whole start instead.
+        client = primed.connect(path, name="bench", timeout=None)
         unit = _primed_unit(*size, window)
     for _ in range(warm_up):  # the pages a forked child shares with its parent get copied now
         unit(client)
@@ -398,6 +400,14 @@ def _worker(
             latencies.append(clock() - start)
     client.close()
     Path(out).write_text(json.dumps({"units": units, "end": end, "latency_ns": latencies}))
+
+
+def _failure(out: str) -> str:
+    """What a throughput client that failed wrote, or "" (none written, or no failure)."""
+    try:
+        return str(json.loads(Path(out).read_text()).get("error", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def throughput(
@@ -422,6 +432,7 @@ def throughput(
     go_r, go_w = os.pipe()
     outs = [str(workdir / f"worker-{i}.json") for i in range(clients)]
     pids = []
+    started = False
     try:
         for out in outs:
             pid = os.fork()
@@ -437,23 +448,37 @@ def throughput(
                 finally:
                     os._exit(code)
             pids.append(pid)
+        os.close(ready_w)  # so that the pipe reads EOF once every child has gone
+        ready_w = -1
         deadline = time.monotonic() + timeout
         arrived = 0
         while arrived < clients:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {arrived} of {clients} clients connected")
-            arrived += len(os.read(ready_r, clients))
+            readable, _, _ = select.select([ready_r], [], [], max(0.0, deadline - time.monotonic()))
+            got = os.read(ready_r, clients) if readable else b""
+            if not got:
+                failed = [_failure(out) for out in outs]
+                raise RuntimeError(
+                    f"only {arrived} of {clients} {kind} clients got ready"
+                    + ("" if readable else f" in {timeout:.0f} s")
+                    + f": {'; '.join(f for f in failed if f) or 'no error written'}"
+                )
+            arrived += len(got)
         start = time.monotonic()
         signal_bytes = struct.pack("dd", start, start + duration) * clients
         view = memoryview(signal_bytes)
         while view:
             view = view[os.write(go_w, view) :]
+        started = True
     finally:
-        os.close(go_w)
-        os.close(ready_w)
+        os.close(go_w)  # a child still waiting for the go signal reads EOF and ends
+        if ready_w >= 0:
+            os.close(ready_w)
         os.close(ready_r)
         os.close(go_r)
         for pid in pids:
+            if not started:  # one may be stuck in its warm-up: end them all
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     units = 0
     end = start + duration

@@ -437,10 +437,10 @@ def _victim(path: str, timeout: float) -> None:
                 try:
                     if home is None:
                         home = timed("connect", connect, "victim")
+                    if anchor is None:
                         anchor = timed("allocate", home.allocate, 64, 64, "XR24")
                         with anchor.map() as pixels:
                             pixels[:6] = b"anchor"
-                    assert anchor is not None
                     fresh = timed("connect", connect, "victim round")
                     with fresh:
                         # A buffer held since the phase began, shared once and opened
@@ -533,7 +533,10 @@ def _raw(path: str, hello: bool = True, timeout: float = 2.0) -> tuple[socket.so
                 continue
             if not hello:
                 return sock, "connected"
-            sock.send(protocol.encode(protocol.Hello(VERSION, VERSION, "attacker"), 1))
+            try:
+                sock.send(protocol.encode(protocol.Hello(VERSION, VERSION, "attacker"), 1))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused at once: what it was told is there to read
             return sock, _read(sock)
         except BaseException:
             sock.close()
@@ -730,14 +733,17 @@ def _attack(mode: str, path: str, args: dict[str, Any]) -> None:
             lists = 0
             in_flight = 0
             sock.settimeout(30)
+            cursor = 0  # where the last page said the next starts: every page is asked for
             while not select.select([sys.stdin], [], [], 0)[0]:
                 while in_flight < args["in_flight"]:
-                    start = 1000 * (serial % max(1, count // 1000))
-                    sock.send(protocol.encode(protocol.List(protocol.LIST_BUFFERS, start), serial))
+                    sock.send(protocol.encode(protocol.List(protocol.LIST_BUFFERS, cursor), serial))
                     serial += 1
                     in_flight += 1
                 data, fds = fdpass.recv(sock)
                 fdpass.close_fds(fds)
+                _, reply = protocol.decode(data, len(fds), "reply")
+                if isinstance(reply, protocol.Listed):
+                    cursor = reply.next
                 in_flight -= 1
                 lists += 1
             sys.stdin.readline()

@@ -48,6 +48,24 @@ def record(test: str, tier: str, did: str, checked: str, **figures: object) -> N
         out.write(json.dumps(entry) + "\n")
 
 
+def record_attack(
+    attack: str, tier: str, config: str, counts: str, victim: str, result: str, **figures: object
+) -> None:
+    """Note one adversarial attack for the report's table of attacks: what the attacker
+    did (``counts``), the victim's p50/p99 against its baseline, and the verdict, which
+    is recorded before it is asserted (so a failed attack has its row too)."""
+    folder = os.environ.get("PRIMED_RESULTS")
+    if not folder:
+        return
+    entry = {
+        "attack": attack, "tier": tier, "config": config, "full": FULL, "counts": counts,
+        "victim": victim, "result": result, "figures": figures,
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
+    }  # fmt: skip
+    with open(os.path.join(folder, "results.jsonl"), "a") as out:
+        out.write(json.dumps(entry) + "\n")
+
+
 def stats(path: str) -> protocol.Statistics:
     """The daemon's counters, as an admin-less client sees them (root sees all)."""
     with primed.connect(path, name="stats") as client:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from primed.daemon import ratelimit
 from primed.daemon.ratelimit import LogLimiter, held_note
 
@@ -28,7 +30,7 @@ def test_a_burst_then_held_back_then_counted() -> None:
     assert held_note(500) == " (500 similar line(s) held back)" and held_note(0) == ""
 
 
-def test_memory_stays_bounded_whatever_the_uids(monkeypatch) -> None:
+def test_memory_stays_bounded_whatever_the_uids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ratelimit, "MAX_KEYS", 8)
     clock = Clock()
     limiter = LogLimiter(interval=10.0, burst=1, clock=clock)

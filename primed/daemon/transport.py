@@ -33,6 +33,7 @@ open for that, and it holds no more than its uid's share allows.
 
 from __future__ import annotations
 
+import array
 import collections
 import errno
 import fcntl
@@ -88,10 +89,13 @@ class _Drop(Exception):
     """End this client's connection (after the reply already queued)."""
 
 
+_OUTQ = array.array("i", [0])  # filled in place: a third of the cost of a bytes result
+
+
 def _unread(sock: trio.socket.SocketType) -> int:
     """Bytes this end sent that the peer has not read yet (SIOCOUTQ)."""
-    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    return int.from_bytes(raw, "little", signed=True)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _OUTQ, True)
+    return _OUTQ[0]
 
 
 def size_send_buffer(sock: socket.socket | trio.socket.SocketType) -> int:
@@ -419,13 +423,15 @@ class Daemon:
         """Why a part of ``wanted`` fds may not go to ``link`` now, by the counts as
         they stand; None if it may. A uid with none in flight may always take one
         part (a part may carry more than a small share), unless the daemon is full."""
+        if not self.fds_in_flight:
+            return None
         uid, bound = link.session.uid, self.core.policy.bounds.fds_in_flight
         mine = self._in_flight.get(uid, 0)
         if mine and not self.core.policy.is_admin(link.session.account.peer):
             share = self.fds_share()
             if mine + wanted > share:
                 return f"fds in flight per uid ({uid}): {mine} unread, share {share}"
-        if self.fds_in_flight and self.fds_in_flight + wanted > bound:
+        if self.fds_in_flight + wanted > bound:
             return f"fds in flight: {self.fds_in_flight} unread, daemon bound {bound}"
         return None
 
@@ -477,6 +483,9 @@ class Daemon:
         """SIOCOUTQ of ``link`` reads ``unread``: the messages still queued are the
         newest whose sizes add up to at least that; the older ones were read."""
         if not link.in_flight:
+            return
+        if unread <= 0:  # all read: the common case
+            self._uncount(link, link.in_flight)
             return
         queued, read = link.queued, 0
         while queued and link.queued_bytes - queued[0][1] >= unread:

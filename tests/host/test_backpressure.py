@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import socket
 import subprocess
 import time
@@ -162,3 +163,39 @@ def test_the_largest_replies_fit_in_one_datagram_of_the_send_buffer() -> None:
             assert len(datagram) <= limit
             left.sendmsg([datagram])  # the kernel agrees
             assert right.recv(len(datagram) + 1) == datagram
+
+
+def check_writability_rule() -> None:
+    """Assert what the transport relies on, on the running kernel: with the send buffer
+    size_send_buffer() gives, an AF_UNIX SEQPACKET socket polls writable exactly while
+    SIOCOUTQ is at most the room threshold, as messages with fds fill it and drain."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read, write = os.pipe()
+    received: list[int] = []
+    try:
+        with left, right:
+            room = transport.size_send_buffer(left)
+            left.setblocking(False)
+            poller = select.poll()
+            poller.register(left, select.POLLOUT)
+            seen = 0
+
+            def agree() -> int:
+                unread = transport._unread(left)
+                assert bool(poller.poll(0)) == (unread <= room), (unread, room)
+                return unread
+
+            for size in (60, 700, 3000, 20000):
+                while agree() <= room:
+                    fdpass.send(left, bytes(size), [write, write])
+                    seen += 1
+                while agree():
+                    _, fds = fdpass.recv(right)
+                    received += fds
+            assert seen > 20
+    finally:
+        fdpass.close_fds([read, write, *received])
+
+
+def test_writability_is_the_room_threshold() -> None:
+    check_writability_rule()

@@ -614,3 +614,31 @@ async def test_a_refused_peer_that_never_reads_holds_its_fd_no_longer_than_the_s
         nursery.start_soon(daemon.serve_client, served)
         # It sends and never reads; the daemon's end closes anyway.
         await settle(lambda: served.fileno() == -1, "the daemon to close its end", timeout=2)
+
+
+async def test_the_refusing_mode_logs_a_client_in_a_loop_only_a_few_times(
+    nursery: trio.Nursery, sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from primed.service import refusing
+
+    listener = bind(str(sock_path))
+    try:
+        done: list[bool] = []
+
+        async def refuse() -> None:
+            done.append(await refusing.refuse(listener, "a test"))
+
+        with caplog.at_level(logging.INFO, "primed"):
+            nursery.start_soon(refuse)
+            for _ in range(30):
+                with trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                    await sock.connect(str(sock_path))
+                    data, fds = await fdpass.recv_async(sock)
+                    assert isinstance(protocol.decode(data, len(fds), "reply")[1], Error)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await settle(lambda: done, "the refusing mode to stop")
+        assert done == [False]
+        assert caplog.text.count("telling a client that primed can't serve") == 5
+    finally:
+        listener.close()
+        os.unlink(sock_path)

@@ -246,7 +246,9 @@ class TooManyRefs(LeanSocket):
         return super().try_sendmsg(buffers, ancdata)
 
 
-async def test_etoomanyrefs_fails_the_request_not_the_client(nursery: trio.Nursery) -> None:
+async def test_etoomanyrefs_fails_the_request_not_the_client(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     daemon = Daemon(MemfdBackend())
     ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
@@ -260,6 +262,12 @@ async def test_etoomanyrefs_fails_the_request_not_the_client(nursery: trio.Nurse
         again = await client.ask(Allocate(16, 16, XR24), 3)
         assert isinstance(again, Allocated) and again.buffers[0].id == 4
         fdpass.close_fds(client.kept)
+    uid = os.getuid()
+    assert (
+        f"request 2 failed: [Errno {errno.ETOOMANYREFS}] {strerror} (0 fd(s) in flight"
+        in caplog.text
+    )
+    assert f"0 of them uid {uid}'s)" in caplog.text
 
 
 async def test_a_kernel_error_while_exporting_fails_the_request(serve: Any) -> None:
@@ -642,3 +650,30 @@ async def test_the_refusing_mode_logs_a_client_in_a_loop_only_a_few_times(
     finally:
         listener.close()
         os.unlink(sock_path)
+
+
+async def test_drops_of_stalled_clients_are_logged_a_few_times_per_uid(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = Daemon(MemfdBackend(), send_timeout=0.2)
+    clients = [await serve(daemon) for _ in range(8)]
+    for client in clients:
+        for serial in range(2, 60):
+            await client.send(Allocate(16, 16, XR24), serial)
+    await settle(lambda: not daemon.core.sessions, "the drops", timeout=10)
+    assert caplog.text.count("read no reply for 0.2 s; dropping it") == 5  # then held back
+
+
+async def test_run_passes_the_hello_timeout_on(sock_path: Path) -> None:
+    served: list[Daemon] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run(MemfdBackend(), str(sock_path), ready=served.append, hello_timeout=0.2)
+        )
+        await settle(lambda: served, "the daemon to be ready")
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            await sock.connect(str(sock_path))
+            data, fds = await fdpass.recv_async(sock)
+            reply = protocol.decode(data, len(fds), "reply")
+            assert reply == (0, Error(ErrorCode.BAD_STATE, 0, "no HELLO within 0.2 s"))
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -28,7 +28,12 @@ whose sizes add up to at least X (the socket is a FIFO too). A client reading
 between the two reads makes a size smaller, which only overcounts. A
 connection that ends with fds unread keeps them counted until the client
 reads them or closes (the kernel charges them until then): its socket is held
-open for that, and it holds no more than its uid's share allows.
+open, shut down both ways, and looked at after growing pauses (no event comes
+from a socket in that state); it holds no more than its uid's share allows.
+
+Reload. Each connection's task runs in a cancel scope of its own; a session
+the new access rules refuse is cancelled, then told PERMISSION_DENIED (serial
+0) and hung up on, and its buffers go through Core.disconnect as always.
 """
 
 from __future__ import annotations
@@ -419,10 +424,11 @@ class Daemon:
         policy = self.core.policy
         return policy.quotas.fds_in_flight_per_uid or max(1, policy.bounds.fds_in_flight // 4)
 
-    def _fds_refusal(self, link: _Link, wanted: int) -> str | None:
+    def _fds_refusal(self, link: _Link, wanted: int) -> tuple[str, int | None] | None:
         """Why a part of ``wanted`` fds may not go to ``link`` now, by the counts as
-        they stand; None if it may. A uid with none in flight may always take one
-        part (a part may carry more than a small share), unless the daemon is full."""
+        they stand, and whose connections a sweep would look at (a uid; None: all);
+        None if it may go. A uid with none in flight may always take one part (a part
+        may carry more than a small share), unless the daemon is full."""
         if not self.fds_in_flight:
             return None
         uid, bound = link.session.uid, self.core.policy.bounds.fds_in_flight
@@ -430,9 +436,9 @@ class Daemon:
         if mine and not self.core.policy.is_admin(link.session.account.peer):
             share = self.fds_share()
             if mine + wanted > share:
-                return f"fds in flight per uid ({uid}): {mine} unread, share {share}"
+                return f"fds in flight per uid ({uid}): {mine} unread, share {share}", uid
         if self.fds_in_flight + wanted > bound:
-            return f"fds in flight: {self.fds_in_flight} unread, daemon bound {bound}"
+            return f"fds in flight: {self.fds_in_flight} unread, daemon bound {bound}", None
         return None
 
     async def _fds_drained(self, link: _Link, wanted: int) -> str | None:
@@ -443,13 +449,13 @@ class Daemon:
         deadline = trio.current_time() + self.send_timeout
         pause = _SWEEP_INTERVAL
         while True:
-            why = self._fds_refusal(link, wanted)
-            if why is not None:
-                self._sweep(link.session.uid if why.startswith("fds in flight per uid") else None)
-                why = self._fds_refusal(link, wanted)
+            over = self._fds_refusal(link, wanted)
+            if over is not None:
+                self._sweep(over[1])
+                over = self._fds_refusal(link, wanted)
             now = trio.current_time()
-            if why is None or now >= deadline:
-                return why
+            if over is None or now >= deadline:
+                return None if over is None else over[0]
             with trio.move_on_at(min(deadline, now + pause)):
                 await self._drained.park()
             pause = min(2 * pause, _LONGEST_PAUSE)

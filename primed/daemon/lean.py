@@ -100,6 +100,9 @@ class LeanSocket(trio.socket.SocketType):
             return self._sock.getsockopt(level, optname)
         return self._sock.getsockopt(level, optname, buflen)
 
+    def setsockopt(self, level: int, optname: int, value: int | bytes, /) -> None:  # type: ignore[override]
+        self._sock.setsockopt(level, optname, value)
+
     def shutdown(self, flag: int) -> None:
         self._sock.shutdown(flag)
 

@@ -22,7 +22,7 @@ import trio
 from primed import fdpass
 from primed.daemon import systemd
 from primed.daemon.policy import Policy
-from primed.daemon.transport import SEND_TIMEOUT, Daemon
+from primed.daemon.transport import HELLO_TIMEOUT, SEND_TIMEOUT, Daemon
 from primed.formats import Limits
 from primed.kernel.allocation import BufferSource
 
@@ -89,6 +89,7 @@ async def run(
     activated: socket.socket | None = None,
     send_timeout: float = SEND_TIMEOUT,
     raise_fd_limit: bool = True,
+    hello_timeout: float = HELLO_TIMEOUT,
 ) -> None:
     """Serve on ``path`` until SIGTERM or SIGINT; free everything and remove the socket.
 
@@ -97,9 +98,10 @@ async def run(
     $NOTIFY_SOCKET set, systemd hears READY=1, RELOADING=1, STOPPING=1, STATUS=
     and, with $WATCHDOG_USEC, WATCHDOG=1. With ``raise_fd_limit`` the soft
     RLIMIT_NOFILE is raised to the hard one; pass False where the service manager
-    sets the limit (LimitNOFILE=) and it is to be kept.
+    sets the limit (LimitNOFILE=) and it is to be kept. A connection that sends no
+    HELLO within ``hello_timeout`` seconds is dropped.
     """
-    daemon = Daemon(backend, limits, policy, reload, send_timeout)
+    daemon = Daemon(backend, limits, policy, reload, send_timeout, hello_timeout)
     reload_note = ""
     if raise_fd_limit:
         fdpass.raise_fd_limit()

@@ -23,6 +23,7 @@ import trio
 
 from primed import fdpass
 from primed.daemon import process, systemd, transport
+from primed.daemon.ratelimit import LogLimiter, held_note
 from primed.errors import ErrorCode
 from primed.wire import protocol
 
@@ -37,8 +38,10 @@ def message(problem: str) -> str:
     return f"primed can't serve: {problem}; mend that, then run: systemctl reload primed"
 
 
-async def _tell(sock: trio.socket.SocketType, *, text: bytes) -> None:
-    log.info("telling a client that primed can't serve, then hanging up")
+async def _tell(sock: trio.socket.SocketType, *, text: bytes, limiter: LogLimiter) -> None:
+    held = limiter.allow(-1, "refusing")  # a client reconnecting in a loop: a few lines
+    if held is not None:
+        log.info("telling a client that primed can't serve, then hanging up%s", held_note(held))
     with sock, trio.move_on_after(TELL_TIMEOUT):
         try:
             await sock.send(text)
@@ -62,7 +65,11 @@ async def refuse(listener: socket.socket, problem: str) -> bool:
         trio.socket.from_stdlib_socket(listener.dup()) as sock,
     ):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(transport.accept_loop, sock, functools.partial(_tell, text=text))
+            nursery.start_soon(
+                transport.accept_loop,
+                sock,
+                functools.partial(_tell, text=text, limiter=LogLimiter()),
+            )
             log.warning("refusing clients until a reload (SIGHUP) mends this: %s", problem)
             notifier.ready(status)
             nursery.start_soon(notifier.heartbeat, lambda: status, systemd.watchdog_interval())

@@ -30,7 +30,7 @@ import trio.testing
 from primed import fdpass, formats
 from primed.daemon import transport
 from primed.daemon.lean import LeanSocket
-from primed.daemon.policy import Policy
+from primed.daemon.policy import Bounds, Policy, Quotas
 from primed.daemon.process import bind, run
 from primed.daemon.transport import QUEUED_BYTES, Daemon
 from primed.errors import ErrorCode, PrimedError
@@ -246,7 +246,9 @@ class TooManyRefs(LeanSocket):
         return super().try_sendmsg(buffers, ancdata)
 
 
-async def test_etoomanyrefs_fails_the_request_not_the_client(nursery: trio.Nursery) -> None:
+async def test_etoomanyrefs_fails_the_request_not_the_client(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     daemon = Daemon(MemfdBackend())
     ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
@@ -260,6 +262,12 @@ async def test_etoomanyrefs_fails_the_request_not_the_client(nursery: trio.Nurse
         again = await client.ask(Allocate(16, 16, XR24), 3)
         assert isinstance(again, Allocated) and again.buffers[0].id == 4
         fdpass.close_fds(client.kept)
+    uid = os.getuid()
+    assert (
+        f"request 2 failed: [Errno {errno.ETOOMANYREFS}] {strerror} (0 fd(s) in flight"
+        in caplog.text
+    )
+    assert f"0 of them uid {uid}'s)" in caplog.text
 
 
 async def test_a_kernel_error_while_exporting_fails_the_request(serve: Any) -> None:
@@ -489,3 +497,183 @@ def test_a_sighup_outside_the_serving_loop_is_ignored(sock_path: Path) -> None:
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "stopped whole" in done.stdout
     assert not sock_path.exists()
+
+
+async def test_a_connection_without_hello_is_told_then_dropped(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend(), hello_timeout=0.2)
+    silent = await serve(daemon, hello=False)
+    greeted = await serve(daemon)
+    assert await silent.receive() == (0, Error(ErrorCode.BAD_STATE, 0, "no HELLO within 0.2 s"), [])
+    assert await silent.at_eof()
+    await trio.sleep(0.3)  # past the deadline: a client that said HELLO is not dropped
+    assert isinstance(await greeted.ask(Query(), 2), protocol.Queried)
+    assert len(daemon.core.sessions) == 1
+
+
+async def test_reload_disconnects_the_clients_the_new_rules_refuse(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    uid = os.getuid()
+    rules = [(Limits(), Policy(allowed_uids=frozenset({uid + 1})))]
+    daemon = Daemon(MemfdBackend(), reload=rules.pop)
+    idle = await serve(daemon)
+    assert isinstance(await idle.ask(Allocate(16, 16, XR24), 2), Allocated)
+    # Another with a reply waiting for it to read: the reload cancels the wait.
+    busy = await serve(daemon)
+    for serial in range(2, 22):
+        await busy.send(Query(), serial)
+    await busy.send(Allocate(16, 16, XR24), 22)
+    await settle(lambda: daemon.core.live_buffers == 2, "the waiting reply's buffer")
+    await trio.testing.wait_all_tasks_blocked()
+    with caplog.at_level(logging.INFO, "primed"):
+        assert daemon.reload()
+    denied = Error(ErrorCode.PERMISSION_DENIED, 0, f"uid {uid} is not allowed to use this daemon")
+    with trio.fail_after(5):
+        assert await idle.receive() == (0, denied, [])
+        assert await idle.at_eof()
+        replies = []
+        while (got := await busy.receive())[0]:
+            replies.append(got)
+        assert [serial for serial, _, _ in replies] == list(range(2, 22))  # what it was sent
+        assert got == (0, denied, [])
+        assert await busy.at_eof()
+    await settle(lambda: not daemon.core.sessions, "the disconnects")
+    assert daemon.core.live_buffers == 0
+    assert caplog.text.count(f"uid {uid} is not allowed to use this daemon; disconnecting it") == 2
+    assert "reloaded; 0 client(s) stay connected, 2 disconnected" in caplog.text
+
+
+async def test_a_uid_over_its_share_of_fds_in_flight_waits_for_it_to_read(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend(), policy=Policy(quotas=Quotas(fds_in_flight_per_uid=3)))
+    client = await serve(daemon)
+    await client.send(Allocate(16, 16, XR24, count=2), 2)
+    await client.send(Allocate(16, 16, XR24, count=2), 3)
+    await settle(lambda: daemon.core.live_buffers == 4, "both requests made")
+    await trio.testing.wait_all_tasks_blocked()
+    assert daemon.fds_in_flight == 2  # the second reply waits: 2 + 2 > 3
+    serial, _, fds = await client.receive()
+    assert (serial, len(fds)) == (2, 2)
+    serial, reply, fds = await client.receive()  # it goes once the first was read
+    assert (serial, len(fds)) == (3, 2) and isinstance(reply, Allocated)
+    assert isinstance(await client.ask(Query(), 4), protocol.Queried)
+    assert daemon.fds_in_flight == 2  # the last ALLOCATED is counted until a look says read
+
+
+async def test_a_uid_that_does_not_read_is_refused_past_its_share(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    uid = os.getuid()
+    policy = Policy(quotas=Quotas(fds_in_flight_per_uid=3))
+    daemon = Daemon(MemfdBackend(), policy=policy, send_timeout=0.3)
+    client = await serve(daemon)
+    await client.send(Allocate(16, 16, XR24, count=2), 2)
+    await client.send(Allocate(16, 16, XR24, count=2), 3)
+    await settle(lambda: daemon.core.live_buffers == 4, "both requests made")
+    # Unread for longer than the send timeout: the second is refused, its buffers go.
+    await settle(lambda: daemon.core.live_buffers == 2, "the refusal")
+    assert (await client.receive())[0] == 2
+    text = f"fds in flight per uid ({uid}): 2 unread, share 3"
+    assert await client.receive() == (3, Error(ErrorCode.LIMIT_EXCEEDED, 0, text), [])
+    assert daemon.core.live_buffers == 2  # the refused request's buffers are gone
+    assert f"request 3 refused: fds in flight per uid ({uid})" in caplog.text
+    reply = await client.ask(Allocate(16, 16, XR24, count=2), 4)
+    assert isinstance(reply, Allocated) and [b.id for b in reply.buffers] == [5, 6]
+
+
+async def test_the_daemon_bound_on_fds_in_flight(serve: Any) -> None:
+    # One uid here (a socketpair): a share above the bound, so that the bound is what binds.
+    policy = Policy(quotas=Quotas(fds_in_flight_per_uid=100), bounds=Bounds(fds_in_flight=3))
+    daemon = Daemon(MemfdBackend(), policy=policy, send_timeout=0.3)
+    first, second = await serve(daemon), await serve(daemon)
+    await first.send(Allocate(16, 16, XR24, count=2), 2)  # and it does not read yet
+    await settle(lambda: daemon.fds_in_flight == 2, "the first reply")
+    reply = await second.ask(Allocate(16, 16, XR24, count=2), 2)
+    assert reply == Error(ErrorCode.LIMIT_EXCEEDED, 0, "fds in flight: 2 unread, daemon bound 3")
+    assert (await first.receive())[0] == 2
+    # The next part's look (one SIOCOUTQ per connection holding fds) finds them read.
+    assert isinstance(await second.ask(Allocate(16, 16, XR24, count=2), 3), Allocated)
+
+
+async def test_a_dropped_client_keeps_its_fds_counted_until_it_closes(serve: Any) -> None:
+    daemon = Daemon(MemfdBackend(), send_timeout=0.3)
+    client = await serve(daemon)
+    for serial in range(2, 80):
+        await client.send(Allocate(16, 16, XR24), serial)
+    await settle(lambda: not daemon.core.sessions, "the drop", timeout=10)
+    unread = daemon.fds_in_flight
+    assert unread > 10  # the kernel still charges them to the daemon's user
+    await trio.testing.wait_all_tasks_blocked()
+    assert daemon.fds_in_flight == unread
+    client.sock.close()
+    await settle(lambda: daemon.fds_in_flight == 0, "the count to drop")
+
+
+async def test_a_refused_peer_that_never_reads_holds_its_fd_no_longer_than_the_send_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    daemon = Daemon(
+        MemfdBackend(),
+        policy=Policy(allowed_uids=frozenset({os.getuid() + 1})),
+        send_timeout=0.3,
+    )
+    ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        served = LeanSocket(theirs)
+        nursery.start_soon(daemon.serve_client, served)
+        # It sends and never reads; the daemon's end closes anyway.
+        await settle(lambda: served.fileno() == -1, "the daemon to close its end", timeout=2)
+
+
+async def test_the_refusing_mode_logs_a_client_in_a_loop_only_a_few_times(
+    nursery: trio.Nursery, sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from primed.service import refusing
+
+    listener = bind(str(sock_path))
+    try:
+        done: list[bool] = []
+
+        async def refuse() -> None:
+            done.append(await refusing.refuse(listener, "a test"))
+
+        with caplog.at_level(logging.INFO, "primed"):
+            nursery.start_soon(refuse)
+            for _ in range(30):
+                with trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                    await sock.connect(str(sock_path))
+                    data, fds = await fdpass.recv_async(sock)
+                    assert isinstance(protocol.decode(data, len(fds), "reply")[1], Error)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await settle(lambda: done, "the refusing mode to stop")
+        assert done == [False]
+        assert caplog.text.count("telling a client that primed can't serve") == 5
+    finally:
+        listener.close()
+        os.unlink(sock_path)
+
+
+async def test_drops_of_stalled_clients_are_logged_a_few_times_per_uid(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = Daemon(MemfdBackend(), send_timeout=0.2)
+    clients = [await serve(daemon) for _ in range(8)]
+    for client in clients:
+        for serial in range(2, 60):
+            await client.send(Allocate(16, 16, XR24), serial)
+    await settle(lambda: not daemon.core.sessions, "the drops", timeout=10)
+    assert caplog.text.count("read no reply for 0.2 s; dropping it") == 5  # then held back
+
+
+async def test_run_passes_the_hello_timeout_on(sock_path: Path) -> None:
+    served: list[Daemon] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run(MemfdBackend(), str(sock_path), ready=served.append, hello_timeout=0.2)
+        )
+        await settle(lambda: served, "the daemon to be ready")
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            await sock.connect(str(sock_path))
+            data, fds = await fdpass.recv_async(sock)
+            reply = protocol.decode(data, len(fds), "reply")
+            assert reply == (0, Error(ErrorCode.BAD_STATE, 0, "no HELLO within 0.2 s"))
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -97,7 +97,7 @@ class _Drop(Exception):
 _OUTQ = array.array("i", [0])  # filled in place: a third of the cost of a bytes result
 
 
-def _unread(sock: trio.socket.SocketType) -> int:
+def _unread(sock: socket.socket | trio.socket.SocketType) -> int:
     """Bytes this end sent that the peer has not read yet (SIOCOUTQ)."""
     fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _OUTQ, True)
     return _OUTQ[0]

@@ -170,7 +170,8 @@ def test_allocate_over_the_daemon_wide_buffer_bound_names_it() -> None:
     allocate(core, other, 2)
     assert core.live_buffers == 10
     refused = core.handle(admin, 9, Allocate(1, 1, XR24))  # the bound holds for admins
-    assert isinstance(refused, Answer) and refused.reply.code == ErrorCode.QUOTA_EXCEEDED  # type: ignore[union-attr]
+    assert isinstance(refused, Answer) and isinstance(refused.reply, Error)
+    assert refused.reply.code == ErrorCode.QUOTA_EXCEEDED
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -415,7 +416,8 @@ def test_refusals_at_connect_are_rate_limited_per_uid(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.INFO, "primed"):
         for _ in range(3000):
             answer = core.refusal(refused)
-            assert answer is not None and answer.reply.code == ErrorCode.PERMISSION_DENIED  # type: ignore[union-attr]
+            assert answer is not None and isinstance(answer.reply, Error)
+            assert answer.reply.code == ErrorCode.PERMISSION_DENIED
         assert core.refusal(other) is not None
         clock.now += core.logs.interval
         core.refusal(refused)
@@ -442,7 +444,8 @@ def test_bad_messages_and_repeated_errors_are_rate_limited(
         allocate(core, holder, 1)
         for _ in range(100):
             reply = core.handle(holder, 9, Allocate(1, 1, XR24))
-            assert isinstance(reply, Answer) and reply.reply.code == ErrorCode.QUOTA_EXCEEDED  # type: ignore[union-attr]
+            assert isinstance(reply, Answer) and isinstance(reply.reply, Error)
+            assert reply.reply.code == ErrorCode.QUOTA_EXCEEDED
             data = bytearray(protocol.encode(Query(), 44))
             data[0:2] = (0x7777).to_bytes(2, "little")
             unknown = core.receive(holder, bytes(data), 0)

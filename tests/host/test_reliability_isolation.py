@@ -522,7 +522,10 @@ def test_other_uid_refused_at_connect(open_dir: Path) -> None:
     reason = f"uid {NOBODY} is not allowed to use this daemon"
     assert seen["seen"] == [["PERMISSION_DENIED", reason]] * REFUSALS, seen
     line = f"refused a client (pid {seen['pid']}, uid {NOBODY}, gid {NOBODY}): {reason}"
-    assert log.count(line) == REFUSALS, log[-2000:]
+    # The log is rate-limited per uid (a burst of 5 per 10 s, then held back and counted:
+    # tests/host/test_adversarial.py has the loop that proves it); the stats count all.
+    written = log.count(line + "\n")
+    assert 1 <= written <= 5, log[-2000:]
     assert (3, 2, REFUSALS) in refused
     record(
         "a refused uid is refused at connect, and logged",
@@ -530,7 +533,8 @@ def test_other_uid_refused_at_connect(open_dir: Path) -> None:
         f"policy admits uid 0 only; a client of uid nobody tried to connect {REFUSALS} "
         "times beside an admitted root client (refusal details: tests/host/test_policy.py)",
         f"each attempt got PERMISSION_DENIED '{reason}'; the log names pid, uid and gid "
-        f"{REFUSALS} times; stats count {REFUSALS} refusals; the root client was served",
+        f"{written} times (rate-limited per uid); stats count {REFUSALS} refusals; the root "
+        "client was served",
         attempts=REFUSALS,
     )
 

@@ -7,7 +7,9 @@ than the kernel's work (benchmarks/ measures it). :class:`LeanSocket` calls the
 syscall first and waits for readiness only when it would block, as trio does,
 but skips the yield after a call that succeeded. So that one client that keeps
 its socket full can't starve the others, or hold off a cancellation, it yields
-after :data:`FAIRNESS` calls in a row that did not wait.
+after :data:`FAIRNESS` calls in a row that did not wait, or once :data:`SLICE`
+seconds have passed since it last let others run: a client whose requests are
+costly (LIST pages) gets its turn and then waits for everyone else's.
 
 Only what primed uses is implemented: the rest of the trio socket API raises
 NotImplementedError.
@@ -16,6 +18,7 @@ NotImplementedError.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
@@ -24,6 +27,9 @@ import trio
 
 #: Calls that succeed without waiting before the socket yields to other tasks.
 FAIRNESS = 16
+#: Seconds of the loop one socket's task may hold, counted from its last yield or wait,
+#: before its next call yields first.
+SLICE = 0.0005
 
 _T = TypeVar("_T")
 
@@ -36,19 +42,22 @@ class LeanSocket(trio.socket.SocketType):
         self._sock = socket.socket(fileno=sock.detach())
         self._sock.setblocking(False)
         self._streak = 0
+        self._since = time.perf_counter()  # when this task last let others run
 
     async def _call(
         self, wait: Callable[[socket.socket], Any], call: Callable[..., _T], *args: Any
     ) -> _T:
-        if self._streak >= FAIRNESS:
+        if self._streak >= FAIRNESS or time.perf_counter() - self._since > SLICE:
             self._streak = 0
             await trio.lowlevel.checkpoint()
+            self._since = time.perf_counter()
         while True:
             try:
                 result = call(*args)
             except BlockingIOError:
                 self._streak = 0
                 await wait(self._sock)
+                self._since = time.perf_counter()
             else:
                 self._streak += 1
                 return result

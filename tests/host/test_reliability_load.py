@@ -8,7 +8,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from primed.daemon.policy import Bounds
 from tests.host.conftest import StartDaemon
 from tests.reliability import (
     LOAD,
@@ -28,14 +30,22 @@ WANTED = 1000
 ROUNDS = count(300, 3000)  # per process
 
 
-def test_a_thousand_clients_holding_ten_buffers_each(spawn: StartDaemon) -> None:
+def test_a_thousand_clients_holding_ten_buffers_each(spawn: StartDaemon, tmp_path: Path) -> None:
     # The daemon holds a socket per client and, on memfd, an fd per buffer; it raises
     # its soft RLIMIT_NOFILE to the hard one, and each client process needs its share.
+    # All the clients are of one uid: its quotas are switched off, and the daemon-wide
+    # bounds (from RLIMIT_NOFILE, never off) are what the count must stay within.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    connections = min(WANTED, (hard - 200) // (HELD + 1)) // PROCESSES * PROCESSES
+    bounds = Bounds.for_nofile(hard)
+    room = min((hard - 200) // (HELD + 1), (bounds.buffers - 2 * HELD) // HELD)
+    connections = min(WANTED, room, bounds.connections - 2) // PROCESSES * PROCESSES
     note = "" if connections == WANTED else f" (hard RLIMIT_NOFILE {hard} allows {connections})"
     per_process = connections // PROCESSES
-    daemon = spawn()
+    config = tmp_path / "primed.toml"
+    config.write_text(
+        "[quotas]\nbuffers_per_client = 0\nbuffers_per_uid = 0\nconnections_per_uid = 0\n"
+    )
+    daemon = spawn("--config", str(config))
     settled_registry(daemon.socket)
     baseline_fds = settled_fds(daemon.pid)
     baseline_rss = vm_rss_kib(daemon.pid)

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -677,3 +678,38 @@ async def test_run_passes_the_hello_timeout_on(sock_path: Path) -> None:
             reply = protocol.decode(data, len(fds), "reply")
             assert reply == (0, Error(ErrorCode.BAD_STATE, 0, "no HELLO within 0.2 s"))
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def test_a_costly_client_lets_others_run_between_its_requests() -> None:
+    # A client with many requests queued whose handling is costly (LIST pages of a
+    # large listing) must not hold the loop for FAIRNESS of them in a row: its socket
+    # yields once it has held the loop for the lean socket's SLICE.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with left, right:
+        for n in range(12):
+            left.send(b"request %d" % n)
+        lean = LeanSocket(trio.socket.from_stdlib_socket(right))
+        handled = 0
+        seen: list[int] = []
+
+        async def costly() -> None:
+            nonlocal handled
+            for _ in range(12):
+                await lean.recv(64)
+                until = time.perf_counter() + 0.002  # 2 ms of work per request
+                while time.perf_counter() < until:
+                    pass
+                handled += 1
+
+        async def other() -> None:
+            for _ in range(3):
+                await trio.lowlevel.checkpoint()
+                seen.append(handled)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(costly)
+            nursery.start_soon(other)
+        lean.close()
+    # Between two of the other task's turns the costly one handled one or two requests,
+    # not a dozen (it would have done all twelve before the old count-only rule yielded).
+    assert seen[0] <= 2 and all(b - a <= 2 for a, b in itertools.pairwise(seen)), seen

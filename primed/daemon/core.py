@@ -709,7 +709,28 @@ class Core:
         self._free(session, allocation)
 
 
-class _Allocation(Delivery):
+class _Undoable(Delivery):
+    """A delivery of this core's: failing or refusing it undoes it (:meth:`_undo`), then
+    answers with the error."""
+
+    def __init__(self, core: Core, session: Session, serial: int):
+        super().__init__(serial)
+        self._core, self._session = core, session
+
+    def failed(self, error: OSError) -> Answer:
+        self._undo()
+        return self._core._kernel(self._session, self.serial, error)
+
+    def refused(self, text: str) -> Answer:
+        self._undo()
+        return self._core._fail(self._session, self.serial, ErrorCode.LIMIT_EXCEEDED, text)
+
+    @abc.abstractmethod
+    def _undo(self) -> None:
+        """Take back what the request did; nothing is pending afterwards."""
+
+
+class _Allocation(_Undoable):
     """The buffers of one ALLOCATE, MAX_FDS to a part (SCM_MAX_FD fds per message).
 
     They are the session's already: if a part fails, all of them are released,
@@ -717,8 +738,8 @@ class _Allocation(Delivery):
     """
 
     def __init__(self, core: Core, session: Session, serial: int, infos: list[BufferInfo]):
-        super().__init__(serial)
-        self._core, self._session, self._infos = core, session, infos
+        super().__init__(core, session, serial)
+        self._infos = infos
         self._next = 0
 
     @property
@@ -738,14 +759,6 @@ class _Allocation(Delivery):
             fds.append(backend.export(buffers[info.id]))
         return Allocated(len(self._infos), index, tuple(part))
 
-    def failed(self, error: OSError) -> Answer:
-        self._undo()
-        return self._core._kernel(self._session, self.serial, error)
-
-    def refused(self, text: str) -> Answer:
-        self._undo()
-        return self._core._fail(self._session, self.serial, ErrorCode.LIMIT_EXCEEDED, text)
-
     def _undo(self) -> None:
         self._next = len(self._infos)
         for info in self._infos:
@@ -753,7 +766,7 @@ class _Allocation(Delivery):
                 self._core._drop(self._session, info.id)
 
 
-class _HandOver(Delivery):
+class _HandOver(_Undoable):
     """A fresh fd of someone else's buffer, as an ALLOCATED of one with id 0 (it stays
     its owner's). ``find`` looks the buffer up, in export(): after the last await."""
 
@@ -764,8 +777,8 @@ class _HandOver(Delivery):
         serial: int,
         find: Callable[[], tuple[Allocation, bytes | None] | Answer],
     ):
-        super().__init__(serial)
-        self._core, self._session, self._find = core, session, find
+        super().__init__(core, session, serial)
+        self._find = find
         self._done = False
         self._taken: tuple[bytes, Token] | None = None  # a ONCE token, out of use while sent
 
@@ -792,14 +805,6 @@ class _HandOver(Delivery):
 
     def sent(self) -> None:
         self._taken = None
-
-    def failed(self, error: OSError) -> Answer:
-        self._undo()
-        return self._core._kernel(self._session, self.serial, error)
-
-    def refused(self, text: str) -> Answer:
-        self._undo()
-        return self._core._fail(self._session, self.serial, ErrorCode.LIMIT_EXCEEDED, text)
 
     def _undo(self) -> None:
         self._done = True

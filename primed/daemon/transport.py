@@ -47,12 +47,14 @@ import math
 import socket
 import struct
 import termios
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from primed import fdpass
 from primed.daemon.core import Core, Delivery, Outcome
+from primed.daemon.fairness import LoopShares
 from primed.daemon.lean import LeanSocket
 from primed.daemon.policy import Peer, Policy
 from primed.daemon.ratelimit import LogLimiter, held_note
@@ -163,6 +165,8 @@ class Daemon:
         self._swept: dict[int | None, float] = {}  # uid (None: all) -> when last swept
         self._drained = trio.lowlevel.ParkingLot()  # parts waiting for fds in flight to drain
         self._log = LogLimiter()
+        #: each uid's share of the loop (primed.daemon.fairness)
+        self.shares = LoopShares()
 
     def summary(self) -> str:
         """One line on what the daemon holds now."""
@@ -257,7 +261,7 @@ class Daemon:
                 pass
 
     async def _converse(self, link: _Link) -> None:
-        core, sock, session = self.core, link.sock, link.session
+        core, sock, session, shares = self.core, link.sock, link.session, self.shares
         hello_by = trio.current_time() + self.hello_timeout
         while True:
             outcome: Outcome
@@ -273,7 +277,12 @@ class Daemon:
                     return  # end of stream
                 if fds:  # no request carries any; the header's count is checked, then they go
                     fdpass.close_fds(fds)
+                pause = shares.wait(session.uid)
+                if pause:  # its uid has had its share of the loop: the others go first
+                    await trio.sleep(pause)
+                began = time.perf_counter()
                 outcome = core.receive(session, data, len(fds))
+                shares.charge(session.uid, time.perf_counter() - began)
             if isinstance(outcome, Delivery):
                 await self._deliver(link, outcome)
             elif outcome.drop:
@@ -327,7 +336,9 @@ class Daemon:
                 fds: list[int] = []
                 try:
                     try:
+                        began = time.perf_counter()
                         reply = delivery.export(fds)
+                        self.shares.charge(uid, time.perf_counter() - began)
                         await self._send(sock, uid, reply, delivery.serial, fds)
                         delivery.sent()
                     finally:

@@ -50,6 +50,8 @@ SANS_IO: dict[str, set[str]] = {
     "primed.daemon.core": IO_MODULES | _DAEMON_IO,
     "primed.daemon.sessions": IO_MODULES | _DAEMON_IO,
     "primed.daemon.policy": IO_MODULES,
+    "primed.daemon.ratelimit": IO_MODULES | _DAEMON_IO,
+    "primed.daemon.fairness": IO_MODULES | _DAEMON_IO,
     "primed.client.core": {"trio", "socket", "select", "selectors", "asyncio"}
     | {"primed.client.blocking", "primed.client.trio"},
 }

@@ -30,6 +30,9 @@ class Peer:
 #: fds one part of a reply carries at most (SCM_MAX_FD); a uid's share of fds in flight
 #: is never below it, or an ALLOCATE of that many could never be sent.
 _PART_FDS = 253
+#: Buffers daemon-wide when each is a GEM handle, not an fd (the DRM backend): the
+#: byte bound is what holds memory; this keeps the registry's size in reason.
+HANDLE_BUFFERS = 1 << 20
 #: Assumed when the memory size is unknown (``memory`` 0): what a per-uid byte quota is cut from.
 _ASSUMED_MEMORY = 8 << 30
 
@@ -58,14 +61,17 @@ class Bounds:
     bytes: int = 0
 
     @classmethod
-    def for_nofile(cls, nofile: int, memory: int = 0) -> Bounds:
+    def for_nofile(cls, nofile: int, memory: int = 0, fd_each: bool = True) -> Bounds:
         """The bounds for a daemon that may hold ``nofile`` fds, on a machine of
-        ``memory`` bytes (0: unknown, no daemon-wide byte bound)."""
+        ``memory`` bytes (0: unknown, no daemon-wide byte bound). ``fd_each``: each
+        buffer holds one of the daemon's fds (memfd), so buffers share the fd budget;
+        otherwise (a dumb buffer is a GEM handle) they are bounded by
+        :data:`HANDLE_BUFFERS` and the byte bound."""
         reserve = min(max(64, nofile // 16), nofile // 2)
         usable = nofile - reserve
         return cls(
             connections=max(4, usable // 4),
-            buffers=max(8, usable // 2),
+            buffers=max(8, usable // 2) if fd_each else HANDLE_BUFFERS,
             tokens=65536,
             fds_in_flight=max(2 * _PART_FDS, nofile // 2),
             fd_reserve=reserve,
@@ -92,7 +98,7 @@ class Quotas:
     fds_in_flight_per_uid: int = 0
 
     @classmethod
-    def for_nofile(cls, nofile: int, memory: int = 0) -> Quotas:
+    def for_nofile(cls, nofile: int, memory: int = 0, fd_each: bool = True) -> Quotas:
         """The default quotas of a daemon that may hold ``nofile`` fds, on a machine of
         ``memory`` bytes (0: unknown; 8 GiB is assumed).
 
@@ -101,7 +107,7 @@ class Quotas:
         their caps still leave the reserve. Bytes: an eighth of the memory per uid.
         A client may hold all of its uid's share.
         """
-        bounds = Bounds.for_nofile(nofile, memory)
+        bounds = Bounds.for_nofile(nofile, memory, fd_each)
         buffers = max(8, bounds.buffers // 8)
         nbytes = (memory or _ASSUMED_MEMORY) // 8
         return cls(

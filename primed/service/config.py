@@ -328,13 +328,15 @@ def build(
     given_quotas = {
         key.partition(".")[2]: value for key, value in values.items() if key.startswith("quotas.")
     }
-    quotas = dataclasses.replace(Quotas.for_nofile(nofile, memory), **given_quotas)
+    # A memfd buffer holds one of the daemon's fds; a dumb buffer is a GEM handle.
+    fd_each = values.get("backend", "drm") == "memfd"
+    quotas = dataclasses.replace(Quotas.for_nofile(nofile, memory, fd_each), **given_quotas)
     policy = Policy(
         values.get("access.allowed_uids", frozenset()),
         values.get("access.allowed_gids", frozenset()),
         values.get("access.admin_group"),
         quotas,
-        Bounds.for_nofile(nofile, memory),
+        Bounds.for_nofile(nofile, memory, fd_each),
     )
     return Config(
         device=values.get("device"),

@@ -42,8 +42,10 @@ def test_no_file_means_the_defaults() -> None:
     assert loaded == Config(policy=loaded.policy, nofile=20000)
     assert loaded.limits == Limits()
     # No file is no reason to serve without quotas: they are cut from the fd limit.
+    # (The default backend is drm: a buffer is a GEM handle, not an fd.)
     assert loaded.policy == Policy(
-        quotas=Quotas.for_nofile(20000, 8 << 30), bounds=Bounds.for_nofile(20000, 8 << 30)
+        quotas=Quotas.for_nofile(20000, 8 << 30, fd_each=False),
+        bounds=Bounds.for_nofile(20000, 8 << 30, fd_each=False),
     )
 
 
@@ -59,8 +61,8 @@ def test_no_file_means_the_defaults() -> None:
 def test_the_default_quotas_for_a_few_fd_limits(
     nofile: int, per_uid: tuple[int, ...], bounds: tuple[int, ...]
 ) -> None:
-    # The table in systemd/primed.toml and docs/deployment.md.
-    policy = config.load(None, nofile=nofile, memory=16 << 30).policy
+    # The table in systemd/primed.toml and docs/deployment.md (memfd: a buffer, an fd).
+    policy = config.load(None, {"backend": "memfd"}, nofile=nofile, memory=16 << 30).policy
     q, b = policy.quotas, policy.bounds
     assert (q.connections_per_uid, q.buffers_per_uid, q.tokens_per_uid) == per_uid[:3]
     assert q.fds_in_flight_per_uid == per_uid[3]
@@ -85,11 +87,11 @@ def test_a_zero_in_the_file_switches_a_quota_off(tmp_path: Path) -> None:
     # Left out: the default. 0: no quota (the daemon-wide bounds still hold).
     path = write(tmp_path, "[quotas]\nconnections_per_uid = 0\nbuffers_per_uid = 7\n")
     loaded = config.load(path, nofile=1024, memory=8 << 30)
-    default = Quotas.for_nofile(1024, 8 << 30)
+    default = Quotas.for_nofile(1024, 8 << 30, fd_each=False)
     assert loaded.policy.quotas == dataclasses.replace(
         default, connections_per_uid=0, buffers_per_uid=7
     )
-    assert loaded.policy.bounds == Bounds.for_nofile(1024, 8 << 30)
+    assert loaded.policy.bounds == Bounds.for_nofile(1024, 8 << 30, fd_each=False)
 
 
 def test_every_key(tmp_path: Path) -> None:
@@ -340,3 +342,14 @@ def test_a_device_named_as_the_one_picked_is_no_change() -> None:
     assert config.restart_needed(Config(device="/dev/dri/card0"), running, "/dev/dri/card0") == [
         "device"
     ]
+
+
+def test_dumb_buffers_are_not_bounded_by_the_fd_limit() -> None:
+    # A memfd buffer holds one of the daemon's fds, a dumb buffer a GEM handle: only
+    # memfd's buffer bound and quotas are cut from RLIMIT_NOFILE.
+    memfd = config.load(None, {"backend": "memfd"}, nofile=1024, memory=1 << 34).policy
+    drm = config.load(None, {"backend": "drm"}, nofile=1024, memory=1 << 34).policy
+    assert memfd.bounds.buffers == 480 and memfd.quotas.buffers_per_uid == 60
+    assert drm.bounds.buffers == 1 << 20 and drm.quotas.buffers_per_uid == 1 << 17
+    assert drm.bounds.connections == memfd.bounds.connections == 240
+    assert drm.quotas.bytes_per_uid == memfd.quotas.bytes_per_uid == 1 << 31

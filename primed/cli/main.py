@@ -27,6 +27,11 @@ from primed.service.config import DEFAULT_PATH as DEFAULT_CONFIG
 from primed.service.config import Config
 from primed.wire.schema import Opcode
 
+#: Seconds a command waits for each answer, the daemon's WELCOME included. More than
+#: the library's handshake default: a socket-activated daemon may take seconds to start
+#: on a slow machine, and a person at a prompt would rather wait than be told to retry.
+CLI_TIMEOUT = 30.0
+
 log = logging.getLogger("primed")
 
 
@@ -238,7 +243,7 @@ def _open_backend(config: Config) -> BufferSource:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with connect(args.socket, name="primed info") as client:
+    with connect(args.socket, name="primed info", timeout=CLI_TIMEOUT) as client:
         described = client.info.describe()
     if args.json:
         print(json.dumps(described))
@@ -280,7 +285,7 @@ def _alloc(args: argparse.Namespace) -> int:
     imports: list[Import] = []
     device = _open_device(args.import_node) if args.import_node else None
     try:
-        with connect(args.socket, name="primed alloc") as client:
+        with connect(args.socket, name="primed alloc", timeout=CLI_TIMEOUT) as client:
             buffers = client.allocate_many(width, height, args.format, args.count)
             described = []
             for buffer in buffers:
@@ -332,7 +337,7 @@ def _ms_ago(ms: int) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with connect(args.socket, name="primed list") as client:
+    with connect(args.socket, name="primed list", timeout=CLI_TIMEOUT) as client:
         clients, buffers = client.clients(), client.buffers()
     now_ms = int(time.time() * 1000)
     if args.json:
@@ -368,7 +373,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with connect(args.socket, name="primed stats") as client:
+    with connect(args.socket, name="primed stats", timeout=CLI_TIMEOUT) as client:
         stats = client.stats()
     names = (
         {op.value: op.name for op in Opcode},
@@ -449,7 +454,7 @@ def _dump(args: argparse.Namespace) -> int:
     from primed.cli import png
 
     target = _dump_target(args)  # before connecting: a bad invocation costs the daemon nothing
-    with connect(args.socket, name="primed dump") as client:
+    with connect(args.socket, name="primed dump", timeout=CLI_TIMEOUT) as client:
         if isinstance(target, tuple):
             buffer = client.open_buffer(*target)
         else:

@@ -43,7 +43,7 @@ from primed.errors import ErrorCode, ServerError
 from primed.wire import protocol
 from primed.wire.schema import VERSION
 from tests.reliability import vm_rss_kib
-from tests.support import Daemon, can_connect, count_fds, settled_fds, wait_for_fds
+from tests.support import Daemon, can_connect, count_fds, cpu_seconds, settled_fds, wait_for_fds
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "systemd" / "primed.toml"
@@ -148,13 +148,6 @@ def serve_as(
             raise AssertionError(f"daemon did not start ({process.poll()}):\n{daemon.kill()}")
         time.sleep(0.01)
     return daemon
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- workers ------------------------------------------------------------------------------

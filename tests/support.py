@@ -178,6 +178,13 @@ def count_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` so far (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def settled_fds(pid: int, quiet: float = 0.2, timeout: float = 10.0) -> int:
     """The fd count of ``pid`` once it has not changed for ``quiet`` seconds."""
     deadline = time.monotonic() + timeout

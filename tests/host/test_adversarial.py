@@ -24,7 +24,7 @@ import pytest
 from tests import adversary
 from tests.adversary import ATTACKER, ATTACKERS, VICTIM, Verdict, Worker, attacker
 from tests.reliability import count, record_attack
-from tests.support import Daemon
+from tests.support import Daemon, cpu_seconds
 
 
 @pytest.fixture(params=adversary.CONFIGS)
@@ -201,9 +201,9 @@ def test_stalled_clients_cost_no_cpu(serve: Serve, config: str) -> None:
 
     def quiet() -> None:  # the victim is idle here: what the stalled clients cost alone
         time.sleep(1.0)
-        used, since = adversary.cpu_seconds(daemon.pid), time.monotonic()
+        used, since = cpu_seconds(daemon.pid), time.monotonic()
         time.sleep(QUIET)
-        cpu["quiet"] = (adversary.cpu_seconds(daemon.pid) - used) / (time.monotonic() - since)
+        cpu["quiet"] = (cpu_seconds(daemon.pid) - used) / (time.monotonic() - since)
 
     found = adversary.run_attack(daemon, verdict, start, ROUNDS, before=quiet)
     stalled = sum(r["hellos"].get("Welcome", 0) for r in found["ready"])

@@ -22,7 +22,7 @@ from primed.wire import protocol
 from primed.wire.protocol import Allocate, Allocated, Hello, Release, Welcome
 from tests.host.conftest import StartDaemon
 from tests.reliability import record
-from tests.support import client_command, settled_fds, wait_for_fds
+from tests.support import client_command, cpu_seconds, settled_fds, wait_for_fds
 
 STALLED = 1000
 #: Unread replies each stalled client leaves before the request whose reply waits:
@@ -53,13 +53,6 @@ for _ in range(count):
 print("ready", flush=True)
 sys.stdin.read()  # hold every connection, reading nothing, until told to go
 """
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def round_trip(sock: socket.socket, serial: int) -> None:

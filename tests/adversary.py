@@ -768,6 +768,52 @@ def _attack(mode: str, path: str, args: dict[str, Any]) -> None:
             out.update(held=count, stops=stops)
             print(json.dumps(out), flush=True)
             _wait_line()
+        elif mode == "churn":
+            # Connections that each keep a costly request in flight: an ALLOCATE of
+            # args["count"] 1x1 buffers, then their RELEASE, then again, until told to go.
+            churning: list[socket.socket] = []
+            hellos = Counter()
+            for _ in range(args["connections"]):
+                sock, got = _raw(path, timeout=10)
+                held.append(sock)
+                hellos[got.split(":")[0]] += 1
+                if got == "Welcome":
+                    churning.append(sock)
+            out["hellos"] = hellos
+            print(json.dumps(out), flush=True)
+            ask = protocol.encode(protocol.Allocate(1, 1, XR24, args["count"]), 2)
+            ids: dict[int, list[int]] = {}  # per socket: the ids of the batch being delivered
+            for sock in churning:
+                sock.send(ask)
+                ids[sock.fileno()] = []
+            by_fd = {s.fileno(): s for s in churning}
+            poller = select.poll()
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            got_back: Counter[str] = Counter()
+            while not select.select([sys.stdin], [], [], 0)[0]:
+                for fd, _ in poller.poll(100):
+                    sock = by_fd[fd]
+                    data, fds = fdpass.recv(sock)
+                    fdpass.close_fds(fds)
+                    if not data:
+                        poller.unregister(fd)
+                        got_back["hung up"] += 1
+                        continue
+                    _, reply = protocol.decode(data, len(fds), "reply")
+                    if isinstance(reply, protocol.Allocated):
+                        ids[fd] += [b.id for b in reply.buffers]
+                        if reply.index + len(reply.buffers) < reply.total:
+                            continue  # more parts of this batch to come
+                        sock.send(protocol.encode(protocol.Release(tuple(ids[fd])), 3))
+                        ids[fd] = []
+                        got_back["batches"] += 1
+                    else:
+                        if isinstance(reply, protocol.Error):
+                            got_back[f"error {ErrorCode(reply.code).name}"] += 1
+                        sock.send(ask)
+            sys.stdin.readline()
+            out["seen"] = got_back
         elif mode == "flags":
             # Opens each buffer the victim shared and sets O_APPEND and O_NONBLOCK on it.
             client = primed.connect(path, name="flags")

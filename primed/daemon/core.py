@@ -87,6 +87,10 @@ LIST_PAGE_BUFFERS = 1000
 #: Buffers this daemon puts in one page: fewer than the most, so that building and
 #: encoding a page holds the event loop about a millisecond, not several.
 SERVED_PAGE_BUFFERS = 256
+#: Buffers of one ALLOCATE made within the request's handling; a larger batch is made
+#: one buffer per Delivery.prepare() (each is a few system calls: 10-40 us for a memfd,
+#: more for a dumb buffer), so no batch holds the event loop for long.
+MADE_AT_ONCE = 8
 #: The largest listing key (LIST's u32 ``start``); past it the buffers' keys are renumbered.
 MAX_LISTING_KEY = (1 << 32) - 1
 #: The one answer to every token that can't be opened or revoked, whatever the reason.
@@ -130,6 +134,16 @@ class Delivery(abc.ABC):
     @abc.abstractmethod
     def part_fds(self) -> int:
         """How many fds the next part carries, at most (for the fds-in-flight budget)."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next part can be exported; while not, the transport calls
+        :meth:`prepare` (with room for others to run between calls) first."""
+        return True
+
+    def prepare(self) -> None:  # noqa: B027 (most deliveries are ready at once)
+        """One step of the work due before the next part (making one buffer of a
+        batch): synchronous, a few system calls at most."""
 
     def sent(self) -> None:  # noqa: B027 (most deliveries have nothing to do then)
         """The part export() last returned was sent: what hangs on its delivery
@@ -463,7 +477,10 @@ class Core:
 
         Whatever fails, the buffers made so far are freed. Past 7 the buffers are
         the client's; if exporting or sending them fails, they are released and
-        the request answered with KERNEL (see :class:`_Allocation`).
+        the request answered with KERNEL (see :class:`_Allocation`). Steps 6 and 7
+        happen here for up to MADE_AT_ONCE buffers; a larger batch is made one
+        buffer per :meth:`Delivery.prepare`, so that the transport can let others
+        run between them, and a failure there is the delivery's only reply.
         """
         fmt = formats.FORMATS.get(request.fourcc)
         if fmt is None:
@@ -488,30 +505,18 @@ class Core:
         refused = self._over_quota(session, serial, request.count, planned * request.count)
         if refused is not None:
             return refused
-        made: list[Allocation] = []
-        adopted = 0
+        batch = _Allocation(self, session, serial, fmt, request, limits)
+        if request.count > MADE_AT_ONCE:
+            return batch  # made step by step, the loop free between steps (Delivery.prepare)
+        made = False
         try:
-            for _ in range(request.count):
-                try:
-                    made.append(self.backend.allocate(fmt, request.width, request.height, limits))
-                except KernelError as e:
-                    return self._kernel(session, serial, e)
-                except LayoutError as e:  # the backend's own refusal, past plan()'s
-                    code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
-                    return self._fail(session, serial, code, str(e))
-            # The quota holds the sizes made (page-rounded, the kernel's pitch), not the plan.
-            refused = self._over_quota(session, serial, len(made), sum(a.size for a in made))
-            if refused is not None:
-                return refused
-            infos = []
-            for allocation in made:
-                self.ledger.charge(session.account, 1, allocation.size)
-                infos.append(_info(self._adopt(session, allocation), allocation))
-                adopted += 1
+            while not batch.ready:
+                batch.prepare()
+            made = True
         finally:
-            for allocation in made[adopted:]:  # not the session's: nobody else will free them
-                self._free(session, allocation)
-        return _Allocation(self, session, serial, infos)
+            if not made:
+                batch.abandon()
+        return batch.answer or batch
 
     def _over_quota(
         self, session: Session, serial: int, buffers: int, nbytes: int
@@ -731,36 +736,103 @@ class _Undoable(Delivery):
 
 
 class _Allocation(_Undoable):
-    """The buffers of one ALLOCATE, MAX_FDS to a part (SCM_MAX_FD fds per message).
+    """The buffers of one ALLOCATE: made one per :meth:`prepare` (steps 6 and 7 of
+    :meth:`Core._allocate`), then delivered MAX_FDS to a part (SCM_MAX_FD fds per
+    message), or, if making them failed, the Error that says why.
 
-    They are the session's already: if a part fails, all of them are released,
-    parts already sent included (on the Error the client closes what it got).
+    Until all are made they are this delivery's (freed by :meth:`abandon` or an
+    undo); then the session's: if a part fails, all of them are released, parts
+    already sent included (on the Error the client closes what it got).
     """
 
-    def __init__(self, core: Core, session: Session, serial: int, infos: list[BufferInfo]):
+    def __init__(
+        self,
+        core: Core,
+        session: Session,
+        serial: int,
+        fmt: formats.Format,
+        request: Allocate,
+        limits: Limits,
+    ):
         super().__init__(core, session, serial)
-        self._infos = infos
+        self._fmt, self._request, self._limits = fmt, request, limits
+        self._made: list[Allocation] = []  # not the session's yet
+        self._infos: list[BufferInfo] = []
         self._next = 0
+        self._over = False  # every part sent, or the request failed or was undone
+        #: The reply if making the buffers failed (then nothing is delivered)
+        self.answer: Answer | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.answer is not None or bool(self._infos)
 
     @property
     def pending(self) -> bool:
-        return self._next < len(self._infos)
+        return not self._over
 
     @property
     def part_fds(self) -> int:
         return min(MAX_FDS, len(self._infos) - self._next)
 
+    def prepare(self) -> None:
+        core, session, request = self._core, self._session, self._request
+        try:
+            self._made.append(
+                core.backend.allocate(self._fmt, request.width, request.height, self._limits)
+            )
+        except KernelError as e:
+            self._end(core._kernel(session, self.serial, e))
+            return
+        except LayoutError as e:  # the backend's own refusal, past plan()'s
+            code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
+            self._end(core._fail(session, self.serial, code, str(e)))
+            return
+        if len(self._made) < request.count:
+            return
+        # The quota holds the sizes made (page-rounded, the kernel's pitch), not the plan;
+        # checked and charged in one step, so another request of the uid can't slip between.
+        made = self._made
+        refused = core._over_quota(session, self.serial, len(made), sum(a.size for a in made))
+        if refused is not None:
+            self._end(refused)
+            return
+        adopted = 0
+        try:
+            for allocation in made:
+                core.ledger.charge(session.account, 1, allocation.size)
+                self._infos.append(_info(core._adopt(session, allocation), allocation))
+                adopted += 1
+        finally:
+            self._made = made[adopted:]  # not the session's: freed next
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Free the buffers made and not yet the session's."""
+        made, self._made = self._made, []
+        for allocation in made:
+            self._core._free(self._session, allocation)
+
+    def _end(self, answer: Answer) -> None:
+        self.abandon()
+        self.answer = answer
+
     def export(self, fds: list[int]) -> Reply:
+        if self.answer is not None:
+            self._over = True
+            return self.answer.reply
         index = self._next
         part = self._infos[index : index + MAX_FDS]
         self._next = index + len(part)
+        self._over = self._next >= len(self._infos)
         backend, buffers = self._core.backend, self._session.buffers
         for info in part:
             fds.append(backend.export(buffers[info.id]))
         return Allocated(len(self._infos), index, tuple(part))
 
     def _undo(self) -> None:
-        self._next = len(self._infos)
+        self._over = True
+        self.abandon()
         for info in self._infos:
             if info.id in self._session.buffers:  # the client may have gone meanwhile
                 self._core._drop(self._session, info.id)

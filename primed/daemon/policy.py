@@ -37,6 +37,21 @@ HANDLE_BUFFERS = 1 << 20
 _ASSUMED_MEMORY = 8 << 30
 
 
+def over_bound(bound: int, total: int, asked: int, mine: int) -> bool:
+    """Whether ``asked`` more of a resource would pass its daemon-wide ``bound``
+    (``total`` held by all, ``mine`` by the asking uid).
+
+    Eight uids at their shares (an eighth of the bound each) fill a bound, and
+    uids that hold on (never read, never release) can keep it full. So past the
+    bound a uid that holds little still gets up to its floor, a 64th of the bound,
+    from a headroom of an eighth of it: eight more uids get their floors before the
+    headroom is gone too. The bounds leave room below RLIMIT_NOFILE for it.
+    """
+    if total + asked <= bound:
+        return False
+    return mine + asked > max(1, bound // 64) or total + asked > bound + bound // 8
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Bounds:
     """Daemon-wide bounds, whatever the quotas say (admins included); derived from the
@@ -213,10 +228,10 @@ class Ledger:
         """Why one more connection of ``peer`` would go over a bound or its uid's
         share (admins have no share, but meet the bound), or None."""
         bound = policy.bounds.connections
-        if self.accounts >= bound:
+        held = self.connections(peer.uid)
+        if over_bound(bound, self.accounts, 1, held):
             return f"connections (daemon-wide, {bound}): {self.accounts} open"
         share = policy.quotas.connections_per_uid
-        held = self.connections(peer.uid)
         if share and held >= share and not policy.is_admin(peer):
             return f"connections per uid ({share}): {held} open"
         return None
@@ -225,12 +240,12 @@ class Ledger:
         """Raise :class:`QuotaExceeded` if ``account`` may not take ``buffers`` more
         buffers of ``nbytes`` bytes in all under ``policy``: the daemon-wide bounds
         first (they hold for admins too), then the quotas."""
-        bounds, total = policy.bounds, self.total
-        for limit, held, asked, what in (
-            (bounds.buffers, total.buffers, buffers, "buffers daemon-wide"),
-            (bounds.bytes, total.bytes, nbytes, "bytes daemon-wide"),
+        bounds, total, mine = policy.bounds, self.total, account.uid
+        for limit, held, asked, theirs, what in (
+            (bounds.buffers, total.buffers, buffers, mine.buffers, "buffers daemon-wide"),
+            (bounds.bytes, total.bytes, nbytes, mine.bytes, "bytes daemon-wide"),
         ):
-            if limit and held + asked > limit:
+            if limit and over_bound(limit, held, asked, theirs):
                 raise QuotaExceeded(f"bound: {limit} {what}; {held} held, {asked} more asked")
         if policy.is_admin(account.peer):
             return
@@ -249,7 +264,7 @@ class Ledger:
         """Raise :class:`QuotaExceeded` if ``account`` may not make one more token for a
         buffer that has ``on_buffer`` live tokens."""
         bound = policy.bounds.tokens
-        if self.total.tokens >= bound:
+        if over_bound(bound, self.total.tokens, 1, account.uid.tokens):
             raise QuotaExceeded(f"bound: {bound} tokens daemon-wide; {self.total.tokens} live")
         if policy.is_admin(account.peer):
             return

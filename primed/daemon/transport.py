@@ -21,7 +21,9 @@ user (the daemon's), up to its RLIMIT_NOFILE: past that, every sendmsg with
 fds fails with ETOOMANYREFS, for every client. So the transport counts the fds
 each connection was sent and has not read, per uid and in all, and lets a part
 through only while its uid stays within its share and the daemon within its
-bound (:meth:`Daemon._fds_refusal`); otherwise the part waits, then is refused.
+bound, or, once uids that don't read have filled the bound, while its uid has
+no more than a small floor in flight (:meth:`Daemon._fds_refusal`); otherwise
+the part waits, then is refused.
 Counting: after each send with fds, (fds, bytes it added to SIOCOUTQ) joins a
 FIFO; when SIOCOUTQ later reads X, the messages still unread are the newest
 whose sizes add up to at least X (the socket is a FIFO too). A client reading
@@ -55,8 +57,8 @@ import trio
 from primed import fdpass
 from primed.daemon.core import Core, Delivery, Outcome
 from primed.daemon.fairness import LoopShares
-from primed.daemon.lean import LeanSocket
-from primed.daemon.policy import Peer, Policy
+from primed.daemon.lean import SLICE, LeanSocket
+from primed.daemon.policy import Peer, Policy, over_bound
 from primed.daemon.ratelimit import LogLimiter, held_note
 from primed.daemon.sessions import Session
 from primed.errors import ErrorCode, KernelError, PrimedError, RemoteProtocolError
@@ -315,6 +317,9 @@ class Daemon:
         finished = False
         try:
             while delivery.pending:
+                if not delivery.ready:
+                    await self._prepare(uid, delivery)
+                    continue
                 unread = await self._room(link)
                 self._settle(link, unread)
                 wanted = delivery.part_fds
@@ -370,6 +375,23 @@ class Daemon:
         finally:
             if not finished:  # the connection ends (dropped, cancelled): undo the rest
                 delivery.refused("the connection ended")
+
+    async def _prepare(self, uid: int, delivery: Delivery) -> None:
+        """Do the delivery's work before its next part, SLICE seconds of the loop at a
+        time: then the others run (first, if ``uid`` has had its share)."""
+        began = time.perf_counter()
+        try:
+            while not delivery.ready and time.perf_counter() - began < SLICE:
+                delivery.prepare()
+        finally:
+            self.shares.charge(uid, time.perf_counter() - began)
+        if delivery.ready:
+            return
+        pause = self.shares.wait(uid)
+        if pause:
+            await trio.sleep(pause)
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _send(
         self,
@@ -448,7 +470,9 @@ class Daemon:
             share = self.fds_share()
             if mine + wanted > share:
                 return f"fds in flight per uid ({uid}): {mine} unread, share {share}", uid
-        if self.fds_in_flight + wanted > bound:
+        # Past a full bound (uids that don't read can fill it) a uid with few in flight
+        # still gets a floor's worth: a uid that reads is not held up by those that don't.
+        if over_bound(bound, self.fds_in_flight, wanted, mine):
             return f"fds in flight: {self.fds_in_flight} unread, daemon bound {bound}", None
         return None
 

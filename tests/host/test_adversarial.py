@@ -101,6 +101,64 @@ def test_fds_in_flight(serve: Serve, config: str) -> None:
     )  # fmt: skip
 
 
+UIDS = 8
+
+
+def test_fds_in_flight_of_many_uids(serve: Serve, config: str) -> None:
+    # Eight uids that never read, each at its share of fds in flight, fill the daemon's
+    # bound between them; a uid that reads must still be served (its floor, past it).
+    daemon = serve()
+    verdict = Verdict()
+    found = adversary.run_attack(
+        daemon, verdict,
+        lambda _: [
+            attacker("in_flight", daemon.socket, uid=ATTACKERS + n, connections=8, opens=64)
+            for n in range(UIDS)
+        ],
+        ROUNDS,
+    )  # fmt: skip
+    hellos: dict[str, int] = {}
+    for ready in found["ready"]:
+        for kind, n in ready["hellos"].items():
+            hellos[kind] = hellos.get(kind, 0) + n
+    verdict.check(set(hellos) == {"Welcome"}, f"the attackers' connections got {hellos}")
+    report(
+        "fds in flight: eight uids fill the bound", config,
+        f"{UIDS} uids x 8 connections x 64 OPEN_SHARED of one buffer, never read; daemon "
+        "RLIMIT_NOFILE 2048 (bound 1024 fds in flight, 253 per uid)",
+        verdict, found, attacker=hellos,
+    )  # fmt: skip
+
+
+# --- event-loop time ------------------------------------------------------------------------
+
+CHURN, CHURN_BATCH = 4, 240
+
+
+def test_costly_requests_from_many_connections(serve: Serve, config: str) -> None:
+    # Connections of one uid that each always have an ALLOCATE of a batch of buffers
+    # (or its RELEASE) in flight: the daemon makes a batch a slice of the loop at a
+    # time, and the uid gets its share of the loop, so the victim's requests don't
+    # queue behind theirs. The batches fit the uid's quota (960 buffers at 16,384 fds):
+    # the attack is on the loop, not on the quota.
+    daemon = serve(nofile=16384)
+    verdict = Verdict()
+    found = adversary.run_attack(
+        daemon, verdict,
+        lambda _: [attacker("churn", daemon.socket, connections=CHURN, count=CHURN_BATCH)],
+        ROUNDS,
+    )  # fmt: skip
+    hellos, seen = found["ready"][0]["hellos"], found["end"][0]["seen"]
+    verdict.check(hellos == {"Welcome": CHURN}, f"the attacker's connections got {hellos}")
+    verdict.check(seen.get("batches", 0) > 0, f"the attacker's batches: {seen}")
+    report(
+        "event loop: costly requests on many connections", config,
+        f"{CHURN} connections each with an ALLOCATE of {CHURN_BATCH} 1x1 (or their RELEASE) "
+        "always in flight; daemon RLIMIT_NOFILE 16384",
+        verdict, found, attacker=dict(seen),
+    )  # fmt: skip
+
+
 # --- connections ------------------------------------------------------------------------------
 
 IDLE = 2200  # past the daemon's 2048 fds: the attack is to use them all up

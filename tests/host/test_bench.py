@@ -96,7 +96,9 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         client = spied["client"]
         assert "error" not in client, client
         assert client["samples"] > 0  # samples under the client's round-trip loop
-        assert any(e["function"].startswith("Client.allocate") for e in client["total"])
+        # The client library's own steps (Client.allocate itself is left out when, on a
+        # busy machine, every sample fell under it: a frame on every stack says nothing).
+        assert any("(primed/client/" in e["function"] for e in client["total"]), client
 
     kinds = {row["message"] for row in result["codec"]}
     assert {"HELLO", "ALLOCATE", "ALLOCATED", "RELEASE", "RELEASED", "ERROR"} <= kinds

@@ -29,6 +29,7 @@ from primed import fdpass, formats
 from primed.daemon.core import (
     LIST_PAGE_BUFFERS,
     LIST_PAGE_CLIENTS,
+    MADE_AT_ONCE,
     NO_TOKEN,
     SERVED_PAGE_BUFFERS,
     Answer,
@@ -155,6 +156,8 @@ class Harness:
             return [(outcome.reply, [])]
         sent: list[tuple[Reply, list[int]]] = []
         while outcome.pending:
+            while not outcome.ready:
+                outcome.prepare()
             fds: list[int] = []
             try:
                 reply = outcome.export(fds)
@@ -395,6 +398,86 @@ def test_quota_is_checked_again_on_the_sizes_the_kernel_gave(harness: Harness) -
     assert held(harness.core) == (0, 0, 0)
     harness.allocate(session, Allocate(16, 16, XR24))  # one fits
     assert session.account.own.bytes == mmap.PAGESIZE
+
+
+# A batch of more than MADE_AT_ONCE is made one buffer per prepare(): the transport lets
+# other clients run between the steps, so whatever the steps do must hold across them.
+
+
+def test_a_large_batch_is_made_one_buffer_per_step(harness: Harness) -> None:
+    session = harness.connect()
+    small = harness.core.handle(session, 4, Allocate(16, 16, XR24, count=MADE_AT_ONCE))
+    assert isinstance(small, Delivery) and small.ready
+    assert harness.backend.calls["allocate"] == MADE_AT_ONCE
+    harness.carry(small)
+    count = MADE_AT_ONCE + 1
+    batch = harness.core.handle(session, 5, Allocate(16, 16, XR24, count=count))
+    assert isinstance(batch, Delivery) and batch.pending and not batch.ready
+    for step in range(1, count + 1):
+        batch.prepare()
+        assert harness.backend.calls["allocate"] == MADE_AT_ONCE + step
+        # Not the session's until all are made: a LIST or QUERY meanwhile sees none.
+        assert len(session.buffers) == MADE_AT_ONCE + (count if step == count else 0)
+        assert batch.ready == (step == count)
+    ((reply, fds),) = harness.carry(batch)
+    assert isinstance(reply, Allocated) and (reply.total, len(fds)) == (count, count)
+    assert session.account.own.buffers == MADE_AT_ONCE + count
+
+
+@pytest.mark.parametrize("nth", [1, 5, MADE_AT_ONCE + 3])
+def test_a_kernel_failure_while_making_a_batch_frees_what_was_made(
+    harness: Harness, nth: int
+) -> None:
+    session = harness.connect()
+    harness.backend.fail("allocate", nth, errno.ENOSPC)
+    parts = harness.carry(harness.core.handle(session, 5, Allocate(16, 16, XR24, count=20)))
+    text = "injected allocate fault: " + os.strerror(errno.ENOSPC)
+    assert parts == [(Error(ErrorCode.KERNEL, errno.ENOSPC, text), [])]
+    assert harness.backend.calls == {"allocate": nth, "export": 0, "free": nth - 1}
+    assert held(harness.core) == (0, 0, 0) and session.account.own.buffers == 0
+    assert harness.core.errors_by_code == {ErrorCode.KERNEL: 1}
+
+
+def test_a_batch_is_checked_against_what_the_uid_took_while_it_was_made(
+    harness: Harness,
+) -> None:
+    # Both fit the quota when asked; the second, made while the first was being made,
+    # takes the room: the first is refused on what the kernel gave, and freed.
+    count = MADE_AT_ONCE + 2
+    quota = count + MADE_AT_ONCE - 1
+    policy = Policy(quotas=Quotas(buffers_per_uid=quota))
+    harness.core.configure(Limits(), policy)
+    first, second = harness.connect(uid=5000), harness.connect(uid=5000)
+    batch = harness.core.handle(first, 5, Allocate(16, 16, XR24, count=count))
+    assert isinstance(batch, Delivery)
+    batch.prepare()
+    harness.allocate(second, Allocate(16, 16, XR24, count=MADE_AT_ONCE))
+    parts = harness.carry(batch)
+    text = f"quota: {quota} buffers per uid (5000); {MADE_AT_ONCE} held, {count} more asked"
+    assert parts == [(Error(ErrorCode.QUOTA_EXCEEDED, 0, text), [])]
+    assert harness.backend.calls["free"] == count
+    assert harness.core.live_buffers == MADE_AT_ONCE and not first.buffers
+
+
+@pytest.mark.parametrize("undo", ["refused", "failed", "disconnect"])
+def test_a_batch_undone_while_it_is_made_frees_what_was_made(harness: Harness, undo: str) -> None:
+    session = harness.connect()
+    batch = harness.core.handle(session, 5, Allocate(16, 16, XR24, count=30))
+    assert isinstance(batch, Delivery)
+    for _ in range(7):
+        batch.prepare()
+    if undo == "refused":
+        answer = batch.refused("the connection ended")
+        assert answer.reply == Error(ErrorCode.LIMIT_EXCEEDED, 0, "the connection ended")
+    elif undo == "failed":
+        answer = batch.failed(OSError(errno.ETOOMANYREFS, "too many references"))
+        assert answer.reply == Error(ErrorCode.KERNEL, errno.ETOOMANYREFS, "too many references")
+    else:  # what the transport does when a connection ends mid-request: both, in this order
+        batch.refused("the connection ended")
+        harness.core.disconnect(session)
+    assert not batch.pending
+    assert harness.backend.calls == {"allocate": 7, "export": 0, "free": 7}
+    assert held(harness.core) == (0, 0, 0)
 
 
 def test_quotas_per_uid_span_clients_and_admins_have_none(harness: Harness) -> None:

@@ -115,6 +115,8 @@ def allocate(core: Core, session: Session, count: int) -> list[int]:
         step = min(count, 1024)
         outcome = core.handle(session, 9, Allocate(1, 1, XR24, count=step))
         assert isinstance(outcome, Delivery), outcome
+        while not outcome.ready:
+            outcome.prepare()
         ids += [i.id for i in outcome._infos]  # type: ignore[attr-defined]
         count -= step
     return ids
@@ -172,6 +174,57 @@ def test_allocate_over_the_daemon_wide_buffer_bound_names_it() -> None:
     refused = core.handle(admin, 9, Allocate(1, 1, XR24))  # the bound holds for admins
     assert isinstance(refused, Answer) and isinstance(refused.reply, Error)
     assert refused.reply.code == ErrorCode.QUOTA_EXCEEDED
+
+
+def test_uids_that_fill_a_bound_leave_every_other_uid_its_floor() -> None:
+    # The default quotas give each uid an eighth of each bound: eight uids at their
+    # shares fill it. Past it, each uid still gets a 64th of the bound, from a headroom
+    # of an eighth: a ninth uid is served, and eight more after it.
+    quotas, bounds = Quotas.for_nofile(2048), Bounds.for_nofile(2048)
+    core = make_core(Policy(quotas=quotas, bounds=bounds))
+    share, floor, headroom = (
+        quotas.connections_per_uid,
+        bounds.connections // 64,
+        bounds.connections // 8,
+    )
+    assert (share, bounds.connections, floor, headroom) == (60, 480, 7, 60)
+    full = f"connections (daemon-wide, {bounds.connections}): %d open"
+    attackers = [Peer(1, 5000 + n, 5000 + n) for n in range(8)]
+    for peer in attackers:
+        for _ in range(share):
+            assert core.refusal(peer) is None
+            core.connect(peer)
+    assert core.refusal(attackers[0]) is not None  # its share
+    for n in range(9):  # eight more uids get their floors; the ninth finds the headroom gone
+        peer = Peer(2, 6000 + n, 6000 + n)
+        for _ in range(floor):
+            if core.ledger.accounts + 1 > bounds.connections + headroom:
+                break
+            assert core.refusal(peer) is None
+            core.connect(peer)
+        refusal = core.refusal(peer)
+        assert refusal is not None and isinstance(refusal.reply, Error)
+        assert refusal.reply.text == full % core.ledger.accounts
+    assert core.ledger.accounts == bounds.connections + headroom
+    for session in [s for s in core.sessions if s.uid == 5000]:
+        core.disconnect(session)
+    assert core.refusal(attackers[0]) is None  # under the bound again: its share
+
+
+def test_uids_that_fill_the_buffer_bound_leave_others_a_floor() -> None:
+    quotas, bounds = Quotas.for_nofile(2048), Bounds.for_nofile(2048)
+    core = make_core(Policy(quotas=quotas, bounds=bounds))
+    share, floor = quotas.buffers_per_uid, bounds.buffers // 64
+    assert (share * 8, floor) == (bounds.buffers, 15)
+    for n in range(8):
+        allocate(core, join(core, 5000 + n), share)
+    victim = join(core, 6000)
+    allocate(core, victim, floor)
+    reply = core.handle(victim, 9, Allocate(1, 1, XR24))
+    text = (
+        f"bound: {bounds.buffers} buffers daemon-wide; {bounds.buffers + floor} held, 1 more asked"
+    )
+    assert reply == Answer(9, Error(ErrorCode.QUOTA_EXCEEDED, 0, text))
 
 
 # --- tokens --------------------------------------------------------------------------------

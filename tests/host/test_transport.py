@@ -713,3 +713,32 @@ async def test_a_costly_client_lets_others_run_between_its_requests() -> None:
     # Between two of the other task's turns the costly one handled one or two requests,
     # not a dozen (it would have done all twelve before the old count-only rule yielded).
     assert seen[0] <= 2 and all(b - a <= 2 for a, b in itertools.pairwise(seen)), seen
+
+
+class Costly(MemfdBackend):
+    """The memfd backend with 0.2 ms of work in every allocate (a slow driver's)."""
+
+    made = 0
+
+    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+        until = time.perf_counter() + 0.0002
+        while time.perf_counter() < until:
+            pass
+        self.made += 1
+        return super().allocate(fmt, width, height, limits)
+
+
+async def test_others_are_served_while_a_large_batch_is_made(serve: Any) -> None:
+    # 200 buffers at 0.2 ms each hold the kernel 40 ms; the batch is made a slice at a
+    # time, so another client's QUERY is answered while it is under way.
+    backend = Costly()
+    daemon = Daemon(backend)
+    batch, other = await serve(daemon), await serve(daemon)
+    await batch.send(Allocate(16, 16, XR24, count=200), 2)
+    await settle(lambda: backend.made > 0, "the batch's first buffer")
+    assert isinstance(await other.ask(Query(), 3), protocol.Queried)
+    made_then = backend.made
+    assert made_then < 200, "the QUERY waited for the whole batch"
+    serial, reply, fds = await batch.receive()
+    assert serial == 2 and isinstance(reply, Allocated) and len(fds) == 200
+    assert backend.made == 200

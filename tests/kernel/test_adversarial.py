@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import adversary
-from tests.adversary import Verdict, attacker
+from tests.adversary import ATTACKERS, Verdict, attacker
 from tests.kernel.conftest import START_TIMEOUT, Nodes
 from tests.reliability import count, record_attack
 from tests.support import Daemon
@@ -73,6 +73,34 @@ def test_fds_in_flight_on_vgem(vgem: Daemon, config: str) -> None:
         f"{IN_FLIGHT} connections x 64 OPEN_SHARED of one dumb buffer, never read; daemon "
         f"RLIMIT_NOFILE {NOFILE}",
         verdict, found, attacker=hellos, drained=found["end"][0]["drained"]["seen"],
+    )  # fmt: skip
+
+
+UIDS = count(4, 8)  # at 253 each, past the bound of 512 fds in flight
+
+
+def test_fds_in_flight_of_many_uids_on_vgem(vgem: Daemon, config: str) -> None:
+    # Uids that never read, each at its share of fds in flight, fill the daemon's bound
+    # between them: a uid that reads keeps being served (its floor, past the bound).
+    verdict = Verdict()
+    found = adversary.run_attack(
+        vgem, verdict,
+        lambda _: [
+            attacker("in_flight", vgem.socket, uid=ATTACKERS + n, connections=6, opens=64)
+            for n in range(UIDS)
+        ],
+        ROUNDS, leave_wait=120.0,
+    )  # fmt: skip
+    hellos: dict[str, int] = {}
+    for ready in found["ready"]:
+        for kind, n in ready["hellos"].items():
+            hellos[kind] = hellos.get(kind, 0) + n
+    verdict.check(set(hellos) == {"Welcome"}, f"the attackers' connections got {hellos}")
+    report(
+        "fds in flight: many uids fill the bound", config,
+        f"{UIDS} uids x 6 connections x 64 OPEN_SHARED of one dumb buffer, never read; "
+        f"daemon RLIMIT_NOFILE {NOFILE}",
+        verdict, found, attacker=hellos,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ from primed.client.core import (
     socket_path,
 )
 from primed.errors import ConnectionLost
-from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
+from primed.wire.protocol import AllocatorInfo, BufferEntry, ClientEntry, Statistics
 
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
@@ -150,16 +150,39 @@ class Client:
         return self._wait(call, self._timeout)
 
     def start_allocate(
-        self, width: int, height: int, format: str | int = "XR24"
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> Pending[Buffer]:
         """Send an ALLOCATE and return at once; ``wait()`` gives what allocate() would."""
-        return self._start(self._core.allocate(width, height, format))
+        return self._start(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     def start_allocate_many(
-        self, width: int, height: int, format: str | int, count: int
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> Pending[list[Buffer]]:
         """Send an ALLOCATE and return at once; ``wait()`` gives what allocate_many() would."""
-        return self._start(self._core.allocate_many(width, height, format, count))
+        return self._start(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     def start_release(self, *buffers: Buffer | int) -> Pending[int]:
         """Send a RELEASE and return at once; ``wait()`` gives the count released.
@@ -168,20 +191,52 @@ class Client:
         """
         return self._start(self._core.release(buffer_ids(buffers)))
 
-    def allocate(self, width: int, height: int, format: str | int = "XR24") -> Buffer:
+    def allocate(
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
+    ) -> Buffer:
         """Allocate one buffer.
 
         ``format`` is a fourcc ("NV12"), a DRM name ("XRGB8888") or a fourcc
-        integer. Raises ServerError (e.g. LIMIT_EXCEEDED, or KERNEL with the
-        kernel's errno), ConnectionLost, UnknownFormat (a ValueError) for a format
-        name primed does not know.
+        integer. By default the buffer comes from the daemon's default allocator;
+        on a version-2 daemon ``allocator`` names one of :attr:`allocators`, or
+        ``usage`` (``primed.USAGE_SCANOUT``, ``USAGE_CPU``) and ``device`` (a render
+        node it must import on, as :meth:`query`'s import matrix names it) let the
+        daemon choose. Raises ServerError (e.g. LIMIT_EXCEEDED, KERNEL with the
+        kernel's errno, NO_ALLOCATOR for a name or usage no allocator fits),
+        ConnectionLost, UnknownFormat (a ValueError) for a format name primed does
+        not know, LocalProtocolError for a choice of allocator on a version-1 daemon.
         """
-        return self._call(self._core.allocate(width, height, format))
+        return self._call(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
-    def allocate_many(self, width: int, height: int, format: str | int, count: int) -> list[Buffer]:
+    def allocate_many(
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
+    ) -> list[Buffer]:
         """Allocate ``count`` buffers, all or none, as :meth:`allocate`; returns them in
         the order of their ids."""
-        return self._call(self._core.allocate_many(width, height, format, count))
+        return self._call(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """Drop the daemon's reference to ``buffers`` (Buffers or ids); returns how many.
@@ -221,6 +276,12 @@ class Client:
     def revoke(self, token: str | bytes) -> None:
         """Make one of this client's tokens stop working. Raises ServerError UNKNOWN_TOKEN."""
         self._call(self._core.revoke(token))
+
+    @property
+    def allocators(self) -> tuple[AllocatorInfo, ...]:
+        """The allocators the daemon serves, its default first (WELCOME, version 2;
+        empty from a version-1 daemon, which serves one: :attr:`info`'s)."""
+        return self.info.allocators
 
     def query(self) -> Offer:
         """What the daemon offers: formats, modifiers, limits, and this client's quota use."""

@@ -46,7 +46,7 @@ from primed.client.core import (
     socket_path,
 )
 from primed.errors import ConnectionLost
-from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
+from primed.wire.protocol import AllocatorInfo, BufferEntry, ClientEntry, Statistics
 
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
@@ -243,16 +243,39 @@ class AsyncClient:
     # --- requests ---------------------------------------------------------------------------
 
     async def start_allocate(
-        self, width: int, height: int, format: str | int = "XR24"
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> AsyncPending[Buffer]:
         """Send an ALLOCATE; ``await pending.wait()`` later gives what allocate() would."""
-        return await self._start(self._core.allocate(width, height, format))
+        return await self._start(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def start_allocate_many(
-        self, width: int, height: int, format: str | int, count: int
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> AsyncPending[list[Buffer]]:
         """Send an ALLOCATE of ``count``; ``await pending.wait()`` later gives the list."""
-        return await self._start(self._core.allocate_many(width, height, format, count))
+        return await self._start(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def start_release(self, *buffers: Buffer | int) -> AsyncPending[int]:
         """Send a RELEASE; ``await pending.wait()`` later gives the count released.
@@ -261,15 +284,40 @@ class AsyncClient:
         """
         return await self._start(self._core.release(buffer_ids(buffers)))
 
-    async def allocate(self, width: int, height: int, format: str | int = "XR24") -> Buffer:
+    async def allocate(
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
+    ) -> Buffer:
         """As :meth:`primed.Client.allocate`."""
-        return await self._call(self._core.allocate(width, height, format))
+        return await self._call(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def allocate_many(
-        self, width: int, height: int, format: str | int, count: int
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> list[Buffer]:
         """As :meth:`primed.Client.allocate_many`."""
-        return await self._call(self._core.allocate_many(width, height, format, count))
+        return await self._call(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """As :meth:`primed.Client.release`."""
@@ -294,6 +342,11 @@ class AsyncClient:
     async def revoke(self, token: str | bytes) -> None:
         """As :meth:`primed.Client.revoke`."""
         await self._call(self._core.revoke(token))
+
+    @property
+    def allocators(self) -> tuple[AllocatorInfo, ...]:
+        """As :attr:`primed.Client.allocators`."""
+        return self.info.allocators
 
     async def query(self) -> Offer:
         """As :meth:`primed.Client.query`."""

@@ -34,6 +34,7 @@ from primed.client.core import (
 )
 from primed.errors import ConnectionLost
 from primed.wire.protocol import AllocatorInfo, BufferEntry, ClientEntry, Statistics
+from primed.wire.schema import VERSION
 
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
@@ -95,9 +96,12 @@ class Client:
         sock: socket.socket,
         name: str | None = None,
         timeout: float | _Unset | None = _UNSET,
+        max_version: int = VERSION,
     ):
         self._sock = sock
-        self._core = ClientConnection(_default_name() if name is None else name)
+        self._core = ClientConnection(
+            _default_name() if name is None else name, max_version=max_version
+        )
         handshake = HANDSHAKE_TIMEOUT if isinstance(timeout, _Unset) else timeout
         #: The bound of every call's wait, in seconds; None: none.
         self._timeout = None if isinstance(timeout, _Unset) else timeout
@@ -339,7 +343,11 @@ class Client:
 
 
 def connect(
-    path: str | None = None, *, name: str | None = None, timeout: float | _Unset | None = _UNSET
+    path: str | None = None,
+    *,
+    name: str | None = None,
+    timeout: float | _Unset | None = _UNSET,
+    max_version: int = VERSION,
 ) -> Client:
     """Connect to the daemon at ``path`` (default: $PRIMED_SOCKET, else
     /run/primed/primed.sock) and shake hands.
@@ -348,7 +356,8 @@ def connect(
     call's wait; None waits for ever. Left out, the WELCOME gets
     :data:`HANDSHAKE_TIMEOUT` and calls no bound. Raises OSError if nothing
     listens, ServerError if the daemon refuses this client, :class:`Timeout` if it
-    does not answer in time.
+    does not answer in time. The client offers protocol versions 1 to ``max_version``
+    (the newest by default); ``info.version`` is the one the daemon chose.
     """
     where = socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -357,7 +366,7 @@ def connect(
             sock.connect(where)
         except OSError as e:  # connect() names no path: say which socket was tried
             raise OSError(e.errno, e.strerror, where) from None
-        return Client(sock, name, timeout)
+        return Client(sock, name, timeout, max_version)
     except BaseException:
         sock.close()
         raise

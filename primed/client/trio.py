@@ -47,6 +47,7 @@ from primed.client.core import (
 )
 from primed.errors import ConnectionLost
 from primed.wire.protocol import AllocatorInfo, BufferEntry, ClientEntry, Statistics
+from primed.wire.schema import VERSION
 
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
@@ -86,9 +87,9 @@ class AsyncClient:
     :class:`AsyncPending` to wait on later.
     """
 
-    def __init__(self, sock: socket.socket, name: str):
+    def __init__(self, sock: socket.socket, name: str, max_version: int = VERSION):
         self._sock = sock  # non-blocking
-        self._core = ClientConnection(name)
+        self._core = ClientConnection(name, max_version=max_version)
         self._send_lock = trio.Lock()  # held only by a sender that waits for room
         #: Waiters asleep while another waiter reads, by serial; each is woken when its
         #: call is done, or to take over the reading.
@@ -380,7 +381,7 @@ class AsyncClient:
 
 @asynccontextmanager
 async def connect_async(
-    path: str | None = None, *, name: str | None = None
+    path: str | None = None, *, name: str | None = None, max_version: int = VERSION
 ) -> AsyncIterator[AsyncClient]:
     """Connect to the daemon (as :func:`primed.connect`) for the length of an ``async with``.
 
@@ -397,7 +398,7 @@ async def connect_async(
         sock = socket.socket(fileno=connecting.detach())
     try:
         sock.setblocking(False)
-        client = AsyncClient(sock, _default_name() if name is None else name)
+        client = AsyncClient(sock, _default_name() if name is None else name, max_version)
         try:
             async with trio.open_nursery() as nursery:
                 client._nursery = nursery

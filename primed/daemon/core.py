@@ -35,6 +35,7 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
+import errno
 import functools
 import itertools
 import logging
@@ -51,6 +52,8 @@ from primed.formats import LayoutError, Limits
 from primed.kernel.allocation import Allocation, Allocators, BufferSource
 from primed.wire import protocol
 from primed.wire.protocol import (
+    USAGE_CPU,
+    USAGE_SCANOUT,
     USAGES,
     Allocate,
     Allocated,
@@ -98,6 +101,8 @@ MAX_LISTING_KEY = (1 << 32) - 1
 NO_TOKEN = "no such token"
 #: The kinds of log line that connections coming and going write.
 _CONNECTION_LINES = frozenset({"connected", "named", "disconnected"})
+#: The usage bits, as ALLOCATE_FROM's refusals name them.
+_USAGE_NAMES = ((USAGE_SCANOUT, "scanout"), (USAGE_CPU, "CPU access"))
 #: What QUERY reports of the format table: it never changes while the daemon runs.
 _FORMATS = tuple(FormatInfo(f.fourcc, f.cpp, f.hsub, f.vsub) for f in formats.FORMATS.values())
 
@@ -518,11 +523,19 @@ class Core:
             and (row is None or row.imports[i] == 0)
         ]
         if not fit:
-            asked = f"usage {request.usage:#x}" + (f" on {request.device}" if row else "")
+            asked = [name for bit, name in _USAGE_NAMES if request.usage & bit]
+            if row is not None:
+                asked.append(f"import on {request.device}")
             if request.name:
-                text = f"{request.name}'s buffers do not serve {asked}"
+                (index,) = candidates
+                lacks = [n for bit, n in _USAGE_NAMES if request.usage & bit & ~served[index].usage]
+                if row is not None and row.imports[index]:
+                    err = row.imports[index]
+                    shown = errno.errorcode.get(err, str(err))
+                    lacks.append(f"import on {request.device} ({shown})")
+                text = f"{request.name}'s buffers do not serve {' and '.join(lacks)}"
             else:
-                text = f"no allocator serves {asked} (served: {names})"
+                text = f"no allocator serves {' and '.join(asked)} (served: {names})"
             return self._fail(session, serial, ErrorCode.NO_ALLOCATOR, text)
         plain = Allocate(request.width, request.height, request.fourcc, request.count)
         return self._allocate(session, serial, plain, fit[0])

@@ -236,9 +236,13 @@ def test_a_choice_that_nothing_fits_is_refused_saying_why(harness: Harness) -> N
         session, AllocateFrom(16, 16, XR24, name="heap:system", device=RENDER_VIRTIO)
     )
     assert refused.code == ErrorCode.NO_ALLOCATOR
-    assert refused.text == f"heap:system's buffers do not serve usage 0x0 on {RENDER_VIRTIO}"
+    assert refused.text == f"heap:system's buffers do not serve import on {RENDER_VIRTIO} (ENODEV)"
     refused = harness.error(session, AllocateFrom(16, 16, XR24, name="udmabuf", usage=1))
-    assert refused.text == "udmabuf's buffers do not serve usage 0x1"
+    assert refused.text == "udmabuf's buffers do not serve scanout"
+    refused = harness.error(
+        session, AllocateFrom(16, 16, XR24, name="card1", usage=USAGE_SCANOUT, device=RENDER_VIRTIO)
+    )
+    assert refused.text == f"card1's buffers do not serve import on {RENDER_VIRTIO} (ENODEV)"
     refused = harness.error(session, AllocateFrom(16, 16, XR24, device="/dev/dri/renderD200"))
     assert refused.code == ErrorCode.NO_ALLOCATOR
     assert "/dev/dri/renderD200 is not in the import matrix" in refused.text

@@ -227,8 +227,8 @@ def test_serve_honours_primed_socket(spawn: StartDaemon) -> None:
         (["--backend", "vulkan"], 2, "invalid choice"),
         (["--backend", "memfd", "--hello-timeout", "0"], 2, "--hello-timeout: 0.0 is not within"),
         (["--backend", "memfd", "--connections-per-uid", "-1"], 2, "--connections-per-uid: -1"),
-        (["--heap", "system"], 1, "open /dev/dma_heap/system (no /dev/dma_heap"),
-        (["--udmabuf"], 1, "open /dev/udmabuf (the kernel has no udmabuf)"),
+        # A heap no kernel has: a host with dma-buf heaps answers the same.
+        (["--heap", "primed-none"], 1, "open /dev/dma_heap/primed-none ("),
         (["--backend", "memfd", "--heap", "system"], 2, "--heap makes no sense"),
         (["--heap", "system", "--heap", "system"], 2, "--heap: 'system' is named twice"),
     ],
@@ -240,7 +240,6 @@ def test_serve_honours_primed_socket(spawn: StartDaemon) -> None:
         "hello-timeout",
         "connections-per-uid",
         "missing heap",
-        "missing udmabuf",
         "heap with memfd",
         "heap twice",
     ],

@@ -574,5 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (PrimedError, OSError, ValueError) as e:
-        print(f"primed {args.command}: {e}", file=sys.stderr)
+        # A KernelError's strerror names the call and the node, and says the errno.
+        shown = e.strerror if isinstance(e, KernelError) else e
+        print(f"primed {args.command}: {shown}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import errno
 import os
 from collections.abc import Sequence
 
-from primed.errors import KernelError, NoDevice
+from primed.errors import KernelError
 from primed.formats import FORMATS, Limits, fourcc
 from primed.kernel import drm
 from primed.kernel.allocation import (
@@ -39,15 +39,6 @@ from primed.wire.schema import Kind
 PROBE_WIDTH, PROBE_HEIGHT = 32, 32
 
 
-def _dumb(path: str) -> DumbBackend:
-    try:
-        return DumbBackend(path)
-    except KernelError as e:
-        if e.errno == errno.ENOENT and not isinstance(e, NoDevice):
-            raise NoDevice(errno.ENOENT, f"open {path} (no such DRM node)") from None
-        raise
-
-
 def open_allocators(
     devices: Sequence[str] = (),
     heaps: Sequence[str] = (),
@@ -58,9 +49,10 @@ def open_allocators(
     (named for its node: ``card0``), each heap in ``heaps`` (``heap:system``),
     udmabuf, memfd. The first is the default.
 
-    Raises NoDevice naming the node that does not exist (a heap or udmabuf the
-    kernel lacks), KernelError if one can't be opened (EACCES), ValueError if none
-    is named or two share a name; whatever was opened is closed first.
+    Raises NoDevice naming the heap or udmabuf node the kernel lacks, KernelError
+    naming a node that can't be opened (a card node that does not exist: ENOENT),
+    ValueError if none is named or two share a name; whatever was opened is closed
+    first.
     """
     opened: list[Served] = []
 
@@ -69,7 +61,7 @@ def open_allocators(
 
     try:
         for path in devices:
-            add(Kind.DUMB, _dumb(path))
+            add(Kind.DUMB, DumbBackend(path))
         for heap in heaps:
             add(Kind.HEAP, HeapBackend(heap))
         if udmabuf:

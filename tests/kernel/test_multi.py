@@ -177,3 +177,14 @@ def test_an_allocator_the_kernel_lacks_stops_the_start(
     assert done.returncode == 1, done.stderr
     assert f"primed serve: open {node} (" in done.stderr
     assert not (tmp_path / "x.sock").exists()
+
+
+def test_no_render_node_imports_a_memfd(nodes: dict[str, Nodes], tmp_path: Path) -> None:
+    daemon = serve(tmp_path / "memfd.sock", "--backend", "memfd")
+    try:
+        with primed.connect(daemon.socket) as client:
+            rows = {row.node: row.imports for row in client.query().devices}
+    finally:
+        daemon.stop()
+    # A memfd is no dma-buf: PRIME_FD_TO_HANDLE says EINVAL on every driver.
+    assert rows == {nodes[d].render: (errno.EINVAL,) for d in ("virtio_gpu", "vgem")}

@@ -234,11 +234,10 @@ class Core:
         """Every allocator served, the default first: ``backend`` itself when it is an
         Allocators (whose export and free reach the allocator each Allocation names),
         else that one source alone."""
-        if self._allocators is not self.backend and self._allocators.served[0].source is not (
-            self.backend
-        ):  # replaced since (a test's fault injection)
-            self._allocators = Allocators.of(self.backend)
-        return self._allocators
+        known, backend = self._allocators, self.backend
+        if known is not backend and known.served[0].source is not backend:
+            known = self._allocators = Allocators.of(backend)  # replaced (fault injection)
+        return known
 
     # --- the daemon as a whole -----------------------------------------------------------
 

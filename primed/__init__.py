@@ -41,7 +41,8 @@ from primed.errors import (
 )
 from primed.fdpass import Truncated
 from primed.formats import FORMATS, MOD_INVALID, MOD_LINEAR, Format, Limits, Plane
-from primed.wire.schema import Backend
+from primed.wire.messages import USAGE_CPU, USAGE_SCANOUT, AllocatorInfo, DeviceImports
+from primed.wire.schema import Backend, Kind
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,9 @@ __all__ = [
     "FORMATS",
     "MOD_INVALID",
     "MOD_LINEAR",
+    "USAGE_CPU",
+    "USAGE_SCANOUT",
+    "AllocatorInfo",
     "AsyncClient",
     "AsyncPending",
     "Backend",
@@ -58,11 +62,13 @@ __all__ = [
     "Client",
     "ConnectionLost",
     "Device",
+    "DeviceImports",
     "ErrorCode",
     "Format",
     "Framebuffer",
     "Import",
     "KernelError",
+    "Kind",
     "LayoutError",
     "Limits",
     "LocalProtocolError",

@@ -43,6 +43,8 @@ class ErrorCode(enum.IntEnum):
     #: The token is wrong, revoked, used up, dead with its buffer, or not for this client:
     #: one answer for all, so that nothing is learnt about other clients' tokens.
     UNKNOWN_TOKEN = 13
+    #: Version 2: no allocator has the name asked for, or none serves the usage asked for.
+    NO_ALLOCATOR = 14
 
 
 class PrimedError(Exception):

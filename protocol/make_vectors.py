@@ -21,11 +21,16 @@ from primed.errors import ErrorCode
 from primed.wire.protocol import (
     LIST_BUFFERS,
     LIST_CLIENTS,
+    USAGE_CPU,
+    USAGE_SCANOUT,
     Allocate,
     Allocated,
+    AllocateFrom,
+    AllocatorInfo,
     BufferEntry,
     BufferInfo,
     ClientEntry,
+    DeviceImports,
     Error,
     FormatInfo,
     Hello,
@@ -50,7 +55,7 @@ from primed.wire.protocol import (
     Welcome,
     encode,
 )
-from primed.wire.schema import VERSION, Backend, Opcode
+from primed.wire.schema import VERSION, Backend, Kind, Opcode
 
 OUT = Path(__file__).resolve().parent / "vectors"
 INDEX = "vectors.json"
@@ -111,9 +116,31 @@ HELD_BYTES = sum(b.size for b in HELD)
 # and a minute later).
 SINCE = (1_767_225_600_000, 1_767_225_660_000)
 
+# What a version-2 daemon serving every kind of allocator lists in its WELCOME: two card
+# nodes, the system heap, udmabuf and memfd, the first the default.
+ALLOCATORS = (
+    AllocatorInfo(
+        "card0", Kind.DUMB, USAGE_SCANOUT | USAGE_CPU, "virtio_gpu", (0, 1, 0), "/dev/dri/card0"
+    ),
+    AllocatorInfo(
+        "card1", Kind.DUMB, USAGE_SCANOUT | USAGE_CPU, "vgem", (1, 0, 0), "/dev/dri/card1"
+    ),
+    AllocatorInfo(
+        "heap:system", Kind.HEAP, USAGE_CPU, "dma-heap/system", (0, 0, 0), "/dev/dma_heap/system"
+    ),
+    AllocatorInfo("udmabuf", Kind.UDMABUF, USAGE_CPU, "udmabuf", (0, 0, 0), "/dev/udmabuf"),
+    AllocatorInfo("memfd", Kind.MEMFD, USAGE_CPU, "memfd", (0, 0, 0), ""),
+)
+# The import matrix that daemon recorded: virtio-gpu imports only its own buffers (ENODEV for
+# the rest), vgem every dma-buf; a memfd is no dma-buf (EINVAL) on either.
+MATRIX = (
+    DeviceImports("/dev/dri/renderD128", "virtio_gpu", (0, 19, 19, 19, 22)),
+    DeviceImports("/dev/dri/renderD129", "vgem", (0, 0, 0, 0, 22)),
+)
+
 VECTORS = (
-    Vector("hello", 1, Hello(VERSION, VERSION, "kmscube"), "handshake, version 1 only"),
-    Vector("hello_empty_name", 1, Hello(VERSION, VERSION, ""), "handshake without a name"),
+    Vector("hello", 1, Hello(1, 1, "kmscube"), "handshake, version 1 only"),
+    Vector("hello_empty_name", 1, Hello(1, 1, ""), "handshake without a name"),
     Vector(
         "hello_version_range",
         1,
@@ -143,7 +170,7 @@ VECTORS = (
         "welcome_drm",
         1,
         Welcome(
-            VERSION,
+            1,
             Backend.DRM,
             16384,
             16384,
@@ -158,7 +185,7 @@ VECTORS = (
     Vector(
         "welcome_memfd",
         1,
-        Welcome(VERSION, Backend.MEMFD, 16384, 16384, 1 << 30, 1024, "memfd", (0, 0, 0), ""),
+        Welcome(1, Backend.MEMFD, 16384, 16384, 1 << 30, 1024, "memfd", (0, 0, 0), ""),
         "memfd backend: no node path",
     ),
     Vector(
@@ -329,6 +356,77 @@ VECTORS = (
         "answer to stats after an hour: requests by opcode (this STATS included), ERROR replies "
         "by code (the PERMISSION_DENIED of the one refused connection), and the two events, "
         "no malformed message and one refused connection",
+    ),
+    Vector("hello_v2", 1, Hello(1, 2, "camera"), "handshake offering versions 1 and 2"),
+    Vector(
+        "welcome_v2",
+        1,
+        Welcome(
+            2,
+            Backend.DRM,
+            16384,
+            16384,
+            1 << 30,
+            1024,
+            "virtio_gpu",
+            (0, 1, 0),
+            "/dev/dri/card0",
+            ALLOCATORS,
+        ),
+        "version 2 chosen: the default allocator in the head as in version 1, then the five "
+        "allocators served: two card nodes' dumb buffers, the system heap, udmabuf, memfd",
+    ),
+    Vector(
+        "allocate_from_named",
+        20,
+        AllocateFrom(1920, 1080, formats.fourcc("NV12"), name="heap:system"),
+        "one NV12 buffer from the allocator named heap:system",
+    ),
+    Vector(
+        "allocate_from_usage",
+        21,
+        AllocateFrom(640, 480, formats.fourcc("XR24"), 2, USAGE_CPU, device="/dev/dri/renderD128"),
+        "two XRGB8888 buffers the CPU maps and that import on /dev/dri/renderD128: the daemon "
+        "chooses (with welcome_v2 and queried_v2: card0, the one allocator virtio_gpu imports)",
+    ),
+    Vector(
+        "allocated_heap",
+        20,
+        Allocated(1, 0, (_buffer(4, 1920, 1080, "NV12"),), allocator=2),
+        "answer to allocate_from_named: allocator 2 of welcome_v2's list, heap:system",
+    ),
+    Vector(
+        "queried_v2",
+        22,
+        Queried(
+            Backend.DRM,
+            "virtio_gpu",
+            (0, 1, 0),
+            "/dev/dri/card0",
+            16384,
+            16384,
+            1024,
+            1 << 30,
+            QUERY_FORMATS,
+            (formats.MOD_LINEAR,),
+            0,
+            0,
+            0,
+            0,
+            MATRIX,
+        ),
+        "answer to query in version 2: the import matrix, one row per render node, one result "
+        "per allocator of welcome_v2's list (0: imported; 19 ENODEV; 22 EINVAL)",
+    ),
+    Vector(
+        "error_no_allocator",
+        20,
+        Error(
+            ErrorCode.NO_ALLOCATOR,
+            0,
+            "no allocator named 'heap:cma' (served: card0, card1, heap:system, udmabuf, memfd)",
+        ),
+        "ALLOCATE_FROM naming an allocator the daemon does not serve",
     ),
     Vector(
         "buffer_passed",

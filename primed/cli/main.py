@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -20,9 +21,9 @@ from primed.client.blocking import connect
 from primed.client.connection import DEFAULT_SOCKET
 from primed.client.device import Device, Import
 from primed.errors import ErrorCode, KernelError, PrimedError
-from primed.kernel import drm
-from primed.kernel.allocation import BufferSource
-from primed.kernel.backends import DumbBackend, MemfdBackend, find_dumb_node
+from primed.kernel import drm, served
+from primed.kernel.allocation import Allocators
+from primed.kernel.backends import find_dumb_node
 from primed.service.config import DEFAULT_PATH as DEFAULT_CONFIG
 from primed.service.config import Config
 from primed.wire.schema import Opcode
@@ -62,9 +63,25 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the configuration file (default: {DEFAULT_CONFIG}, if it exists)",
     )
     serve.add_argument(
-        "--device", help="DRM card node (default: the first that makes dumb buffers)"
+        "--device",
+        action="append",
+        help="a DRM card node whose dumb buffers to serve; repeat for several (default: "
+        "the first that makes dumb buffers, unless --heap or --udmabuf is given)",
     )
-    serve.add_argument("--backend", choices=["drm", "memfd"], help="default drm")
+    serve.add_argument(
+        "--heap",
+        action="append",
+        metavar="NAME",
+        help="a dma-buf heap to serve (/dev/dma_heap/NAME, e.g. system); repeat for several",
+    )
+    serve.add_argument(
+        "--udmabuf", action="store_true", default=None, help="serve udmabuf (/dev/udmabuf)"
+    )
+    serve.add_argument(
+        "--backend",
+        choices=["drm", "memfd"],
+        help="drm: the allocators above (default); memfd: sealed memfds only",
+    )
     serve.add_argument("--socket", help=socket_help)
     serve.add_argument("--socket-mode", type=_octal, help="octal (default 660)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -107,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     alloc.add_argument("--format", default="XR24", help="fourcc or DRM name (default XR24)")
     alloc.add_argument("--count", type=int, default=1)
     alloc.add_argument("--import", dest="import_node", metavar="NODE", help="import on this node")
+    alloc.add_argument(
+        "--allocator",
+        default="",
+        metavar="NAME",
+        help="the daemon's allocator to allocate from, as primed info lists them "
+        "(default: the daemon's default; needs protocol version 2)",
+    )
     alloc.add_argument("--socket", help=socket_help)
     alloc.add_argument("--json", action="store_true")
 
@@ -164,11 +188,14 @@ def _serve(args: argparse.Namespace) -> int:
         path = conf.default_path(args.config)
         try:
             config = conf.load(path, overrides, nofile=nofile)
-            if args.device and config.backend == "memfd":
-                log.error("--device makes no sense with --backend memfd")
-                return 2
+            if config.backend == "memfd":
+                given = [f for f in ("device", "heap", "udmabuf") if getattr(args, f)]
+                if given:
+                    log.error("--%s makes no sense with --backend memfd", given[0])
+                    return 2
             logsetup.setup(config.log_level)
             backend = _open_backend(config)
+            picked = backend.node  # what a reload's device may name as no change
             break
         except (PrimedError, OSError) as e:
             problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -203,7 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         new = conf.load(path or conf.default_path(None), overrides, nofile=nofile)
         # Against what runs (the configuration started with), not the last file read:
         # the warning holds on every reload until the file matches again.
-        for key in conf.restart_needed(config, new, backend.node):
+        for key in conf.restart_needed(config, new, picked):
             log.warning("reload: %s changed; that takes a restart", key)
         logsetup.setup(new.log_level)
         return new.limits, new.policy
@@ -230,21 +257,64 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_backend(config: Config) -> BufferSource:
-    """The buffer source ``config`` names, opened. Raises KernelError (NoDevice) if the
-    card node can't be opened or none makes dumb buffers."""
+def _open_backend(config: Config) -> Allocators:
+    """The allocators ``config`` names, opened, and the import matrix measured on them.
+
+    Raises KernelError (NoDevice) if a node can't be opened, names one the kernel
+    lacks, or (none named) no card node makes dumb buffers; ConfigError if two
+    allocators would have one name.
+    """
+    from primed.service import config as conf
+
     if config.backend == "memfd":
-        return MemfdBackend()
-    device = config.device
-    if device is None:
-        device = find_dumb_node()
-        log.info("picked %s, the first DRM node that creates dumb buffers", device)
-    return DumbBackend(device)
+        allocators = served.open_allocators(memfd=True)
+    else:
+        devices = config.devices
+        if not devices and not config.heap and not config.udmabuf:
+            devices = (find_dumb_node(),)
+            log.info("picked %s, the first DRM node that creates dumb buffers", devices[0])
+        try:
+            allocators = served.open_allocators(devices, config.heap, config.udmabuf)
+        except ValueError as e:  # two allocators of one name
+            raise conf.ConfigError(f"{config.source or 'command line'}: {e}") from None
+    try:
+        allocators.matrix = served.probe_imports(allocators)
+    except BaseException:
+        allocators.close()
+        raise
+    for s in allocators.served:
+        driver = s.source.driver
+        log.info(
+            "allocator %s: %s %d.%d.%d%s",
+            s.name,
+            driver.name,
+            driver.major,
+            driver.minor,
+            driver.patch,
+            f" on {s.source.node}" if s.source.node else "",
+        )
+    for row in allocators.matrix.rows:
+        log.info(
+            "imports on %s (%s): %s",
+            row.node,
+            row.driver,
+            ", ".join(
+                f"{s.name} {_import_text(e)}"
+                for s, e in zip(allocators.served, row.imports, strict=True)
+            ),
+        )
+    return allocators
+
+
+def _import_text(err: int) -> str:
+    return "ok" if not err else errno.errorcode.get(err, str(err))
 
 
 def _info(args: argparse.Namespace) -> int:
     with connect(args.socket, name="primed info", timeout=CLI_TIMEOUT) as client:
         described = client.info.describe()
+        if client.info.version >= 2:  # the import matrix comes with QUERY
+            described["imports"] = client.query().describe()["imports"]
     if args.json:
         print(json.dumps(described))
         return 0
@@ -257,6 +327,22 @@ def _info(args: argparse.Namespace) -> int:
         f"limits:  {limits.max_width}x{limits.max_height}, {limits.max_size} bytes per buffer, "
         f"{limits.max_count} buffers per request"
     )
+    allocators: list[dict[str, Any]] = described.get("allocators", [])  # type: ignore[assignment]
+    if allocators:
+        print("allocators (the first is the default):")
+    for a in allocators:
+        node = f" on {a['node']}" if a["node"] else ""
+        version = f" {a['driver_version']}" if a["kind"] == "dumb" else ""
+        print(
+            f"  {a['name']}: {a['kind']}, {a['driver']}{version}{node}; "
+            f"usage {', '.join(a['usage'])}"
+        )
+    rows: list[dict[str, Any]] = described.get("imports", [])  # type: ignore[assignment]
+    if allocators:
+        print("imports:" if rows else "imports: no DRM render node")
+    for row in rows:
+        results = ", ".join(f"{name} {result}" for name, result in row["imports"].items())
+        print(f"  {row['node']} ({row['driver']}): {results}")
     return 0
 
 
@@ -286,10 +372,14 @@ def _alloc(args: argparse.Namespace) -> int:
     device = _open_device(args.import_node) if args.import_node else None
     try:
         with connect(args.socket, name="primed alloc", timeout=CLI_TIMEOUT) as client:
-            buffers = client.allocate_many(width, height, args.format, args.count)
+            buffers = client.allocate_many(
+                width, height, args.format, args.count, allocator=args.allocator
+            )
             described = []
             for buffer in buffers:
                 entry = buffer.describe()
+                if buffer.allocator:
+                    entry["allocator"] = buffer.allocator
                 if device is not None:
                     imported = device.import_buffer(buffer)
                     imports.append(imported)
@@ -484,5 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (PrimedError, OSError, ValueError) as e:
-        print(f"primed {args.command}: {e}", file=sys.stderr)
+        # A KernelError's strerror names the call and the node, and says the errno.
+        shown = e.strerror if isinstance(e, KernelError) else e
+        print(f"primed {args.command}: {shown}", file=sys.stderr)
         return 1

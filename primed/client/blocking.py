@@ -33,7 +33,8 @@ from primed.client.core import (
     socket_path,
 )
 from primed.errors import ConnectionLost
-from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
+from primed.wire.protocol import AllocatorInfo, BufferEntry, ClientEntry, Statistics
+from primed.wire.schema import VERSION
 
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
@@ -95,9 +96,12 @@ class Client:
         sock: socket.socket,
         name: str | None = None,
         timeout: float | _Unset | None = _UNSET,
+        max_version: int = VERSION,
     ):
         self._sock = sock
-        self._core = ClientConnection(_default_name() if name is None else name)
+        self._core = ClientConnection(
+            _default_name() if name is None else name, max_version=max_version
+        )
         handshake = HANDSHAKE_TIMEOUT if isinstance(timeout, _Unset) else timeout
         #: The bound of every call's wait, in seconds; None: none.
         self._timeout = None if isinstance(timeout, _Unset) else timeout
@@ -150,16 +154,39 @@ class Client:
         return self._wait(call, self._timeout)
 
     def start_allocate(
-        self, width: int, height: int, format: str | int = "XR24"
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> Pending[Buffer]:
         """Send an ALLOCATE and return at once; ``wait()`` gives what allocate() would."""
-        return self._start(self._core.allocate(width, height, format))
+        return self._start(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     def start_allocate_many(
-        self, width: int, height: int, format: str | int, count: int
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> Pending[list[Buffer]]:
         """Send an ALLOCATE and return at once; ``wait()`` gives what allocate_many() would."""
-        return self._start(self._core.allocate_many(width, height, format, count))
+        return self._start(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     def start_release(self, *buffers: Buffer | int) -> Pending[int]:
         """Send a RELEASE and return at once; ``wait()`` gives the count released.
@@ -168,20 +195,52 @@ class Client:
         """
         return self._start(self._core.release(buffer_ids(buffers)))
 
-    def allocate(self, width: int, height: int, format: str | int = "XR24") -> Buffer:
+    def allocate(
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
+    ) -> Buffer:
         """Allocate one buffer.
 
         ``format`` is a fourcc ("NV12"), a DRM name ("XRGB8888") or a fourcc
-        integer. Raises ServerError (e.g. LIMIT_EXCEEDED, or KERNEL with the
-        kernel's errno), ConnectionLost, UnknownFormat (a ValueError) for a format
-        name primed does not know.
+        integer. By default the buffer comes from the daemon's default allocator;
+        on a version-2 daemon ``allocator`` names one of :attr:`allocators`, or
+        ``usage`` (``primed.USAGE_SCANOUT``, ``USAGE_CPU``) and ``device`` (a render
+        node it must import on, as :meth:`query`'s import matrix names it) let the
+        daemon choose. Raises ServerError (e.g. LIMIT_EXCEEDED, KERNEL with the
+        kernel's errno, NO_ALLOCATOR for a name or usage no allocator fits),
+        ConnectionLost, UnknownFormat (a ValueError) for a format name primed does
+        not know, LocalProtocolError for a choice of allocator on a version-1 daemon.
         """
-        return self._call(self._core.allocate(width, height, format))
+        return self._call(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
-    def allocate_many(self, width: int, height: int, format: str | int, count: int) -> list[Buffer]:
+    def allocate_many(
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
+    ) -> list[Buffer]:
         """Allocate ``count`` buffers, all or none, as :meth:`allocate`; returns them in
         the order of their ids."""
-        return self._call(self._core.allocate_many(width, height, format, count))
+        return self._call(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """Drop the daemon's reference to ``buffers`` (Buffers or ids); returns how many.
@@ -221,6 +280,12 @@ class Client:
     def revoke(self, token: str | bytes) -> None:
         """Make one of this client's tokens stop working. Raises ServerError UNKNOWN_TOKEN."""
         self._call(self._core.revoke(token))
+
+    @property
+    def allocators(self) -> tuple[AllocatorInfo, ...]:
+        """The allocators the daemon serves, its default first (WELCOME, version 2;
+        empty from a version-1 daemon, which serves one: :attr:`info`'s)."""
+        return self.info.allocators
 
     def query(self) -> Offer:
         """What the daemon offers: formats, modifiers, limits, and this client's quota use."""
@@ -278,7 +343,11 @@ class Client:
 
 
 def connect(
-    path: str | None = None, *, name: str | None = None, timeout: float | _Unset | None = _UNSET
+    path: str | None = None,
+    *,
+    name: str | None = None,
+    timeout: float | _Unset | None = _UNSET,
+    max_version: int = VERSION,
 ) -> Client:
     """Connect to the daemon at ``path`` (default: $PRIMED_SOCKET, else
     /run/primed/primed.sock) and shake hands.
@@ -287,7 +356,8 @@ def connect(
     call's wait; None waits for ever. Left out, the WELCOME gets
     :data:`HANDSHAKE_TIMEOUT` and calls no bound. Raises OSError if nothing
     listens, ServerError if the daemon refuses this client, :class:`Timeout` if it
-    does not answer in time.
+    does not answer in time. The client offers protocol versions 1 to ``max_version``
+    (the newest by default); ``info.version`` is the one the daemon chose.
     """
     where = socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -296,7 +366,7 @@ def connect(
             sock.connect(where)
         except OSError as e:  # connect() names no path: say which socket was tried
             raise OSError(e.errno, e.strerror, where) from None
-        return Client(sock, name, timeout)
+        return Client(sock, name, timeout, max_version)
     except BaseException:
         sock.close()
         raise

@@ -32,12 +32,15 @@ class Buffer:
     """One allocated buffer: ``id``, ``width``, ``height``, ``format`` (fourcc text),
     ``fourcc``, ``modifier``, ``size``, ``planes`` and ``fd``.
 
-    ``backend`` says whether ``fd`` is a dma-buf (DRM) or a sealed memfd.
+    ``backend`` says whether ``fd`` is a dma-buf (DRM) or a sealed memfd;
+    ``allocator`` names the daemon's allocator it came from (version 2; "" if the
+    daemon did not say).
     """
 
     __slots__ = (
         "__weakref__",
         "_fd",
+        "allocator",
         "backend",
         "fourcc",
         "height",
@@ -60,6 +63,7 @@ class Buffer:
         size: int,
         planes: tuple[Plane, ...],
         backend: Backend,
+        allocator: str = "",
     ):
         self._fd = fd
         self.id = id
@@ -70,6 +74,7 @@ class Buffer:
         self.size = size
         self.planes = planes
         self.backend = backend
+        self.allocator = allocator
 
     @classmethod
     def _adopt(
@@ -83,6 +88,7 @@ class Buffer:
         size: int,
         planes: tuple[Plane, ...],
         backend: Backend,
+        allocator: str = "",
     ) -> Buffer:
         """As the constructor, by position: what the client's receive path calls."""
         buffer = _new(cls)
@@ -95,6 +101,7 @@ class Buffer:
         buffer.size = size
         buffer.planes = planes
         buffer.backend = backend
+        buffer.allocator = allocator
         return buffer
 
     def __del__(self, _close: Any = os.close) -> None:

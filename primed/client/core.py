@@ -26,6 +26,7 @@ closes whatever the connection still holds.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -46,10 +47,14 @@ from primed.wire import protocol, schema
 from primed.wire.protocol import (
     LIST_BUFFERS,
     LIST_CLIENTS,
+    USAGE_CPU,
+    USAGE_SCANOUT,
     Allocated,
+    AllocatorInfo,
     BufferEntry,
     BufferInfo,
     ClientEntry,
+    DeviceImports,
     Error,
     FormatInfo,
     Listed,
@@ -61,7 +66,7 @@ from primed.wire.protocol import (
     Statistics,
     Welcome,
 )
-from primed.wire.schema import MAX_RELEASE, TOKEN_SIZE, VERSION, Backend
+from primed.wire.schema import MAX_RELEASE, MIN_VERSION, TOKEN_SIZE, VERSION, Backend
 
 #: Where clients look for the daemon when no path is given and $PRIMED_SOCKET is unset.
 DEFAULT_SOCKET = "/run/primed/primed.sock"
@@ -81,10 +86,25 @@ def socket_path(path: str | None = None) -> str:
     return path or os.environ.get("PRIMED_SOCKET") or DEFAULT_SOCKET
 
 
+def _allocator(a: AllocatorInfo) -> dict[str, object]:
+    return {
+        "name": a.name,
+        "kind": a.kind.name.lower(),
+        "usage": [
+            u for bit, u in ((USAGE_SCANOUT, "scanout"), (USAGE_CPU, "cpu")) if a.usage & bit
+        ],
+        "driver": a.driver,
+        "driver_version": ".".join(map(str, a.driver_version)),
+        "node": a.node,
+    }
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerInfo:
     """What the daemon said of itself in its WELCOME: the protocol version it chose,
-    its backend, its device (driver, version, node; empty for memfd) and its limits."""
+    its backend, its device (driver, version, node; empty for memfd) and its limits:
+    those of its default allocator. In version 2, ``allocators`` lists every
+    allocator it serves, the default first (a version-1 daemon lists none)."""
 
     version: int
     backend: Backend
@@ -92,6 +112,7 @@ class ServerInfo:
     driver_version: tuple[int, int, int]
     node: str
     limits: Limits
+    allocators: tuple[AllocatorInfo, ...]
 
     def describe(self) -> dict[str, object]:
         """The info as plain data (what ``primed info --json`` prints)."""
@@ -102,6 +123,7 @@ class ServerInfo:
             "driver_version": ".".join(map(str, self.driver_version)),
             "node": self.node,
             "limits": dataclasses.asdict(self.limits),
+            "allocators": [_allocator(a) for a in self.allocators],
         }
 
 
@@ -116,6 +138,8 @@ class Offer(ServerInfo):
     quota_bytes: int  #: likewise on its bytes
     used_buffers: int  #: what this client holds now
     used_bytes: int
+    #: The import matrix (version 2): per render node, per allocator 0 or the errno.
+    devices: tuple[DeviceImports, ...]
 
     def describe(self) -> dict[str, object]:
         """The offer as plain data."""
@@ -130,7 +154,23 @@ class Offer(ServerInfo):
             "modifiers": list(self.modifiers),
             "quota": {"buffers": self.quota_buffers, "bytes": self.quota_bytes},
             "used": {"buffers": self.used_buffers, "bytes": self.used_bytes},
+            "imports": [
+                {
+                    "node": d.node,
+                    "driver": d.driver,
+                    "imports": {
+                        a.name: _import_result(e)
+                        for a, e in zip(self.allocators, d.imports, strict=False)
+                    },
+                }
+                for d in self.devices
+            ],
         }
+
+
+def _import_result(err: int) -> str:
+    """An import matrix cell as text: "ok", or the errno's name."""
+    return "ok" if not err else errno.errorcode.get(err, str(err))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -155,8 +195,8 @@ def token_bytes(token: str | bytes) -> bytes:
 _make_buffer = Buffer._adopt
 
 
-def buffer_from(info: BufferInfo, fd: int, backend: Backend) -> Buffer:
-    """A Buffer owning ``fd``, described by ``info``."""
+def buffer_from(info: BufferInfo, fd: int, backend: Backend, allocator: str = "") -> Buffer:
+    """A Buffer owning ``fd``, described by ``info``, from the allocator so named."""
     return _make_buffer(
         fd,
         info.id,
@@ -167,15 +207,20 @@ def buffer_from(info: BufferInfo, fd: int, backend: Backend) -> Buffer:
         info.size,
         tuple([Plane(o, p) for o, p in info.planes]),
         backend,
+        allocator,
     )
 
 
-def _adopt(infos: tuple[BufferInfo, ...], fds: list[int], backend: Backend) -> list[Buffer]:
+#: Where a reply's buffers come from: what their fds are, and the allocator's name.
+Source = tuple[Backend, str]
+
+
+def _adopt(infos: tuple[BufferInfo, ...], fds: list[int], source: Source) -> list[Buffer]:
     """Buffers owning ``fds``; if that fails part-way, every fd is closed all the same."""
     buffers: list[Buffer] = []
     try:
         for info, fd in zip(infos, fds, strict=True):
-            buffers.append(buffer_from(info, fd, backend))
+            buffers.append(buffer_from(info, fd, *source))
     except BaseException:
         for buffer in buffers:
             buffer.close()
@@ -213,9 +258,10 @@ class Call(Generic[T]):
         self.abandoned = False  #: nobody waits for it: what it gets is given back
         self._error: PrimedError | None = None
 
-    def _accept(self, reply: Reply, fds: list[int], backend: Backend) -> bool:
-        """Take in ``reply`` (owning ``fds`` from here on, on every path); True once
-        the answer is whole. Raises RemoteProtocolError, having closed the fds."""
+    def _accept(self, reply: Reply, fds: list[int], source: Source) -> bool:
+        """Take in ``reply`` (owning ``fds`` from here on, on every path), whose buffers
+        (if any) come from ``source``; True once the answer is whole. Raises
+        RemoteProtocolError, having closed the fds."""
         raise NotImplementedError
 
     def _cut(self, reply: Reply, error: Truncated) -> bool:
@@ -261,7 +307,7 @@ class _Simple(Call[T], Generic[R, T]):
         self._expects = expects
         self._convert = convert
 
-    def _accept(self, reply: Reply, fds: list[int], backend: Backend) -> bool:
+    def _accept(self, reply: Reply, fds: list[int], source: Source) -> bool:
         if not isinstance(reply, self._expects) or self.done:
             close_fds(fds)
             raise _unexpected(reply, self.serial, self._expects.__name__)
@@ -292,13 +338,13 @@ class _Buffers(Call[T]):
             )
         return reply
 
-    def _accept(self, reply: Reply, fds: list[int], backend: Backend) -> bool:
+    def _accept(self, reply: Reply, fds: list[int], source: Source) -> bool:
         try:
             part = self._check(reply)
         except BaseException:
             close_fds(fds)
             raise
-        buffers = _adopt(part.buffers, fds, backend)
+        buffers = _adopt(part.buffers, fds, source)
         self._received += len(buffers)
         if self.done:  # failed on an earlier part: what follows is only drained
             for buffer in buffers:
@@ -330,12 +376,17 @@ class _Count(Call[int]):
 
     __slots__ = ()
 
-    def _accept(self, reply: Reply, fds: list[int], backend: Backend) -> bool:
+    def _accept(self, reply: Reply, fds: list[int], source: Source) -> bool:
         if not isinstance(reply, Released) or self.done:
             close_fds(fds)
             raise _unexpected(reply, self.serial, "Released")
         self._finish(reply.count)
         return True
+
+
+#: What ALLOCATE_FROM asks: an allocator's name, usage bits, a render node; or nothing.
+Choice = tuple[str, int, str]
+_NO_CHOICE: Choice = ("", 0, "")
 
 
 def _first(buffers: list[Buffer]) -> Buffer:
@@ -381,11 +432,13 @@ class ClientConnection:
     :meth:`take` gives a completed call's result (or raises its error).
     """
 
-    def __init__(self, name: str = "", min_version: int = VERSION, max_version: int = VERSION):
+    def __init__(self, name: str = "", min_version: int = MIN_VERSION, max_version: int = VERSION):
         self.name = name
         self.min_version = min_version
         self.max_version = max_version
         self.info: ServerInfo | None = None
+        # By an ALLOCATED's allocator position: what its buffers are (from WELCOME).
+        self._sources: tuple[Source, ...] = ((Backend.DRM, ""),)
         #: Why the connection can't go on, once it can't: every later request
         #: raises ConnectionLost.
         self.broken: PrimedError | None = None
@@ -439,9 +492,27 @@ class ClientConnection:
             )
         limits = Limits(reply.max_width, reply.max_height, reply.max_size, reply.max_count)
         self.info = ServerInfo(
-            reply.version, reply.backend, reply.driver, reply.driver_version, reply.node, limits
+            reply.version,
+            reply.backend,
+            reply.driver,
+            reply.driver_version,
+            reply.node,
+            limits,
+            reply.allocators,
         )
+        listed = tuple((a.backend, a.name) for a in reply.allocators)
+        self._sources = listed or ((reply.backend, ""),)
         return self.info
+
+    def _source(self, allocator: int) -> Source:
+        """What the buffers of an ALLOCATED naming ``allocator`` are. Raises
+        RemoteProtocolError for a position WELCOME did not list."""
+        try:
+            return self._sources[allocator]
+        except IndexError:
+            raise RemoteProtocolError(
+                f"ALLOCATED names allocator {allocator}; WELCOME listed {len(self._sources)}"
+            ) from None
 
     def _allocate(
         self,
@@ -451,6 +522,7 @@ class ClientConnection:
         count: int,
         flags: int,
         convert: Callable[[list[Buffer]], T],
+        choice: Choice | None = None,
     ) -> Call[T]:
         if isinstance(fmt, str):
             code = _FOURCCS.get(fmt)
@@ -458,25 +530,66 @@ class ClientConnection:
                 code = _FOURCCS[fmt] = formats.lookup(fmt).fourcc
         else:
             code = fmt
-        serial = self._serial_for()
-        data = protocol.allocate_datagram(serial, width, height, code, count, flags)
+        if choice is not None and choice != _NO_CHOICE:
+            version = self.info.version if self.info is not None else 0
+            if version < 2:
+                raise LocalProtocolError(
+                    "choosing an allocator takes protocol version 2; "
+                    + (f"this daemon speaks {version}" if version else "no WELCOME yet")
+                )
+            if flags:
+                raise LocalProtocolError(f"unknown flags {flags:#x}")
+            name, usage, device = choice
+            request = protocol.AllocateFrom(width, height, code, count, usage, name, device)
+            serial = self._serial_for()
+            data = protocol.encode(request, serial)
+        else:
+            serial = self._serial_for()
+            data = protocol.allocate_datagram(serial, width, height, code, count, flags)
         call = _Buffers(serial, data, count, convert)
         self._pending[serial] = call
         return call
 
-    def allocate(self, width: int, height: int, fmt: str | int, flags: int = 0) -> Call[Buffer]:
+    def allocate(
+        self,
+        width: int,
+        height: int,
+        fmt: str | int,
+        flags: int = 0,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
+    ) -> Call[Buffer]:
         """An ALLOCATE of one buffer; ``fmt`` is a fourcc text, DRM name or fourcc integer.
 
+        With ``allocator`` (a name WELCOME listed), ``usage`` (USAGE_ bits) or
+        ``device`` (a render node the buffer must import on, as the import matrix
+        names it) it is an ALLOCATE_FROM, which takes protocol version 2: the daemon
+        allocates from the allocator named, else from the first that serves the
+        usage and imports on the device (ServerError NO_ALLOCATOR if none does).
+
         Raises UnknownFormat for a format name not in primed's table (an integer
-        goes to the daemon as it is), LocalProtocolError for a field that does not fit.
+        goes to the daemon as it is), LocalProtocolError for a field that does not fit
+        or a choice of allocator on a version-1 connection.
         """
-        return self._allocate(width, height, fmt, 1, flags, _first)
+        return self._allocate(width, height, fmt, 1, flags, _first, (allocator, usage, device))
 
     def allocate_many(
-        self, width: int, height: int, fmt: str | int, count: int, flags: int = 0
+        self,
+        width: int,
+        height: int,
+        fmt: str | int,
+        count: int,
+        flags: int = 0,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> Call[list[Buffer]]:
         """An ALLOCATE of ``count`` buffers, as :meth:`allocate`."""
-        return self._allocate(width, height, fmt, count, flags, _every)
+        choice = (allocator, usage, device)
+        return self._allocate(width, height, fmt, count, flags, _every, choice)
 
     def release(self, ids: Iterable[int]) -> Call[int]:
         """A RELEASE of the buffers with these ids; the result is how many were released."""
@@ -505,6 +618,7 @@ class ClientConnection:
     def _offer(self, reply: Queried) -> Offer:
         limits = Limits(reply.max_width, reply.max_height, reply.max_size, reply.max_count)
         version = self.info.version if self.info is not None else self.max_version
+        allocators = self.info.allocators if self.info is not None else ()
         return Offer(
             version,
             reply.backend,
@@ -512,12 +626,14 @@ class ClientConnection:
             reply.driver_version,
             reply.node,
             limits,
+            allocators,
             reply.formats,
             reply.modifiers,
             reply.quota_buffers,
             reply.quota_bytes,
             reply.used_buffers,
             reply.used_bytes,
+            reply.devices,
         )
 
     def list_clients(self, start: int = 0) -> Call[Page[ClientEntry]]:
@@ -634,7 +750,12 @@ class ClientConnection:
             call._fail(server_error(reply.code, reply.errno, reply.text))
         else:
             try:
-                if not call._accept(reply, fds, self.info.backend if self.info else Backend.DRM):
+                source = self._source(reply.allocator if isinstance(reply, Allocated) else 0)
+            except RemoteProtocolError as e:
+                close_fds(fds)
+                return self.fail(e)
+            try:
+                if not call._accept(reply, fds, source):
                     return []
             except RemoteProtocolError as e:
                 return self.fail(e)
@@ -650,17 +771,19 @@ class ClientConnection:
             got = protocol.one_buffer(data, 1)
             if got is None:
                 return None
-            serial, ident, width, height, fourcc, modifier, size, planes = got
+            serial, ident, width, height, fourcc, modifier, size, planes, allocator = got
             call = self._pending.get(serial)
             if type(call) is not _Buffers or call._count != 1 or call._received or call.done:
                 return None
+            if allocator >= len(self._sources):
+                return None  # the general path says what is wrong
             try:
                 layout = (
                     (Plane(*planes[0]),) if len(planes) == 1 else tuple([Plane(*p) for p in planes])
                 )
-                backend = self.info.backend if self.info else Backend.DRM
+                backend, name = self._sources[allocator]
                 buffer = _make_buffer(
-                    fds[0], ident, width, height, fourcc, modifier, size, layout, backend
+                    fds[0], ident, width, height, fourcc, modifier, size, layout, backend, name
                 )
             except BaseException:
                 close_fds(fds)

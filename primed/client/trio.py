@@ -46,7 +46,8 @@ from primed.client.core import (
     socket_path,
 )
 from primed.errors import ConnectionLost
-from primed.wire.protocol import BufferEntry, ClientEntry, Statistics
+from primed.wire.protocol import AllocatorInfo, BufferEntry, ClientEntry, Statistics
+from primed.wire.schema import VERSION
 
 T = TypeVar("T")
 E = TypeVar("E", ClientEntry, BufferEntry)
@@ -86,9 +87,9 @@ class AsyncClient:
     :class:`AsyncPending` to wait on later.
     """
 
-    def __init__(self, sock: socket.socket, name: str):
+    def __init__(self, sock: socket.socket, name: str, max_version: int = VERSION):
         self._sock = sock  # non-blocking
-        self._core = ClientConnection(name)
+        self._core = ClientConnection(name, max_version=max_version)
         self._send_lock = trio.Lock()  # held only by a sender that waits for room
         #: Waiters asleep while another waiter reads, by serial; each is woken when its
         #: call is done, or to take over the reading.
@@ -243,16 +244,39 @@ class AsyncClient:
     # --- requests ---------------------------------------------------------------------------
 
     async def start_allocate(
-        self, width: int, height: int, format: str | int = "XR24"
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> AsyncPending[Buffer]:
         """Send an ALLOCATE; ``await pending.wait()`` later gives what allocate() would."""
-        return await self._start(self._core.allocate(width, height, format))
+        return await self._start(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def start_allocate_many(
-        self, width: int, height: int, format: str | int, count: int
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> AsyncPending[list[Buffer]]:
         """Send an ALLOCATE of ``count``; ``await pending.wait()`` later gives the list."""
-        return await self._start(self._core.allocate_many(width, height, format, count))
+        return await self._start(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def start_release(self, *buffers: Buffer | int) -> AsyncPending[int]:
         """Send a RELEASE; ``await pending.wait()`` later gives the count released.
@@ -261,15 +285,40 @@ class AsyncClient:
         """
         return await self._start(self._core.release(buffer_ids(buffers)))
 
-    async def allocate(self, width: int, height: int, format: str | int = "XR24") -> Buffer:
+    async def allocate(
+        self,
+        width: int,
+        height: int,
+        format: str | int = "XR24",
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
+    ) -> Buffer:
         """As :meth:`primed.Client.allocate`."""
-        return await self._call(self._core.allocate(width, height, format))
+        return await self._call(
+            self._core.allocate(
+                width, height, format, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def allocate_many(
-        self, width: int, height: int, format: str | int, count: int
+        self,
+        width: int,
+        height: int,
+        format: str | int,
+        count: int,
+        *,
+        allocator: str = "",
+        usage: int = 0,
+        device: str = "",
     ) -> list[Buffer]:
         """As :meth:`primed.Client.allocate_many`."""
-        return await self._call(self._core.allocate_many(width, height, format, count))
+        return await self._call(
+            self._core.allocate_many(
+                width, height, format, count, allocator=allocator, usage=usage, device=device
+            )
+        )
 
     async def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """As :meth:`primed.Client.release`."""
@@ -294,6 +343,11 @@ class AsyncClient:
     async def revoke(self, token: str | bytes) -> None:
         """As :meth:`primed.Client.revoke`."""
         await self._call(self._core.revoke(token))
+
+    @property
+    def allocators(self) -> tuple[AllocatorInfo, ...]:
+        """As :attr:`primed.Client.allocators`."""
+        return self.info.allocators
 
     async def query(self) -> Offer:
         """As :meth:`primed.Client.query`."""
@@ -327,7 +381,7 @@ class AsyncClient:
 
 @asynccontextmanager
 async def connect_async(
-    path: str | None = None, *, name: str | None = None
+    path: str | None = None, *, name: str | None = None, max_version: int = VERSION
 ) -> AsyncIterator[AsyncClient]:
     """Connect to the daemon (as :func:`primed.connect`) for the length of an ``async with``.
 
@@ -344,7 +398,7 @@ async def connect_async(
         sock = socket.socket(fileno=connecting.detach())
     try:
         sock.setblocking(False)
-        client = AsyncClient(sock, _default_name() if name is None else name)
+        client = AsyncClient(sock, _default_name() if name is None else name, max_version)
         try:
             async with trio.open_nursery() as nursery:
                 client._nursery = nursery

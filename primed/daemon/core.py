@@ -35,6 +35,8 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
+import errno
+import functools
 import itertools
 import logging
 import time
@@ -47,14 +49,20 @@ from primed.daemon.ratelimit import LogLimiter, held_note
 from primed.daemon.sessions import Ordered, Session, Token, Tokens
 from primed.errors import ErrorCode, KernelError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
-from primed.kernel.allocation import Allocation, BufferSource
+from primed.kernel.allocation import Allocation, Allocators, BufferSource
 from primed.wire import protocol
 from primed.wire.protocol import (
+    USAGE_CPU,
+    USAGE_SCANOUT,
+    USAGES,
     Allocate,
     Allocated,
+    AllocateFrom,
+    AllocatorInfo,
     BufferEntry,
     BufferInfo,
     ClientEntry,
+    DeviceImports,
     Error,
     FormatInfo,
     Hello,
@@ -76,7 +84,7 @@ from primed.wire.protocol import (
     Stats,
     Welcome,
 )
-from primed.wire.schema import MAX_FDS, VERSION
+from primed.wire.schema import MAX_FDS, MIN_VERSION, VERSION
 
 log = logging.getLogger("primed")
 
@@ -97,6 +105,8 @@ MAX_LISTING_KEY = (1 << 32) - 1
 NO_TOKEN = "no such token"
 #: The kinds of log line that connections coming and going write.
 _CONNECTION_LINES = frozenset({"connected", "named", "disconnected"})
+#: The usage bits, as ALLOCATE_FROM's refusals name them.
+_USAGE_NAMES = ((USAGE_SCANOUT, "scanout"), (USAGE_CPU, "CPU access"))
 #: What QUERY reports of the format table: it never changes while the daemon runs.
 _FORMATS = tuple(FormatInfo(f.fourcc, f.cpp, f.hsub, f.vsub) for f in formats.FORMATS.values())
 
@@ -196,8 +206,10 @@ class Core:
         policy: Policy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """``clock`` (seconds) paces the rate-limited log lines."""
+        """``backend`` is one allocator, or several (an :class:`Allocators`: the first is
+        the default). ``clock`` (seconds) paces the rate-limited log lines."""
         self.backend = backend
+        self._allocators = Allocators.of(backend)
         self.limits = limits or Limits()
         self.policy = policy or Policy()
         self.ledger = Ledger()
@@ -228,7 +240,18 @@ class Core:
             List: self._list,
             Stats: self._stats,
             OpenBuffer: self._open_buffer,
+            AllocateFrom: self._allocate_from,
         }
+
+    @property
+    def allocators(self) -> Allocators:
+        """Every allocator served, the default first: ``backend`` itself when it is an
+        Allocators (whose export and free reach the allocator each Allocation names),
+        else that one source alone."""
+        known, backend = self._allocators, self.backend
+        if known is not backend and known.served[0].source is not backend:
+            known = self._allocators = Allocators.of(backend)  # replaced (fault injection)
+        return known
 
     # --- the daemon as a whole -----------------------------------------------------------
 
@@ -426,12 +449,13 @@ class Core:
         if session.version:
             return self._fail(session, serial, ErrorCode.BAD_STATE, "HELLO was already sent")
         version = min(hello.max_version, VERSION)
-        if version < max(hello.min_version, 1):
+        if version < max(hello.min_version, MIN_VERSION):
             return self._fail(
                 session,
                 serial,
                 ErrorCode.UNSUPPORTED_VERSION,
-                f"client speaks {hello.min_version}..{hello.max_version}, server 1..{VERSION}",
+                f"client speaks {hello.min_version}..{hello.max_version}, "
+                f"server {MIN_VERSION}..{VERSION}",
             )
         session.version = version
         session.name = hello.name
@@ -455,10 +479,83 @@ class Core:
             driver.name,
             (driver.major, driver.minor, driver.patch),
             self.backend.node,
+            self._listing() if version > 1 else (),  # version 1 has no list
         )
         return Answer(serial, welcome)
 
-    def _allocate(self, session: Session, serial: int, request: Allocate) -> Outcome:
+    def _listing(self) -> tuple[AllocatorInfo, ...]:
+        """WELCOME's allocator list (version 2)."""
+        return tuple(
+            AllocatorInfo(
+                s.name,
+                s.kind,
+                s.usage,
+                s.source.driver.name,
+                (s.source.driver.major, s.source.driver.minor, s.source.driver.patch),
+                s.source.node,
+            )
+            for s in self.allocators.served
+        )
+
+    def _allocate_from(self, session: Session, serial: int, request: AllocateFrom) -> Outcome:
+        """ALLOCATE_FROM (version 2): choose the allocator, then as ALLOCATE.
+
+        The allocator is the one called ``name``, or with no name the first (in the
+        daemon's order) whose buffers serve every ``usage`` bit and, with a
+        ``device``, import on it as the import matrix recorded; a named one must
+        meet ``usage`` and ``device`` too. None: NO_ALLOCATOR, saying why.
+        """
+        if session.version < 2:
+            text = "ALLOCATE_FROM is version 2; this connection speaks version 1"
+            return self._fail(session, serial, ErrorCode.UNKNOWN_OPCODE, text)
+        if request.usage & ~USAGES:
+            text = f"unknown usage bits {request.usage & ~USAGES:#x}"
+            return self._fail(session, serial, ErrorCode.INVALID_ARGUMENT, text)
+        allocators = self.allocators
+        served = allocators.served
+        names = ", ".join(s.name for s in served)
+        if request.name:
+            index = allocators.index(request.name)
+            if index is None:
+                text = f"no allocator named {request.name!r} (served: {names})"
+                return self._fail(session, serial, ErrorCode.NO_ALLOCATOR, text)
+            candidates = [index]
+        else:
+            candidates = list(range(len(served)))
+        row = None
+        if request.device:
+            row = allocators.matrix.row(request.device)
+            if row is None:
+                known = ", ".join(r.node for r in allocators.matrix.rows) or "none"
+                text = f"{request.device} is not in the import matrix (render nodes: {known})"
+                return self._fail(session, serial, ErrorCode.NO_ALLOCATOR, text)
+        fit = [
+            i
+            for i in candidates
+            if served[i].usage & request.usage == request.usage
+            and (row is None or row.imports[i] == 0)
+        ]
+        if not fit:
+            asked = [name for bit, name in _USAGE_NAMES if request.usage & bit]
+            if row is not None:
+                asked.append(f"import on {request.device}")
+            if request.name:
+                (index,) = candidates
+                lacks = [n for bit, n in _USAGE_NAMES if request.usage & bit & ~served[index].usage]
+                if row is not None and row.imports[index]:
+                    err = row.imports[index]
+                    shown = errno.errorcode.get(err, str(err))
+                    lacks.append(f"import on {request.device} ({shown})")
+                text = f"{request.name}'s buffers do not serve {' and '.join(lacks)}"
+            else:
+                text = f"no allocator serves {' and '.join(asked)} (served: {names})"
+            return self._fail(session, serial, ErrorCode.NO_ALLOCATOR, text)
+        plain = Allocate(request.width, request.height, request.fourcc, request.count)
+        return self._allocate(session, serial, plain, fit[0])
+
+    def _allocate(
+        self, session: Session, serial: int, request: Allocate, source: int = 0
+    ) -> Outcome:
         """ALLOCATE: ``count`` buffers of one format and size, delivered with their fds.
 
         Checked in this order, the first failure answering:
@@ -480,7 +577,8 @@ class Core:
         the request answered with KERNEL (see :class:`_Allocation`). Steps 6 and 7
         happen here for up to MADE_AT_ONCE buffers; a larger batch is made one
         buffer per :meth:`Delivery.prepare`, so that the transport can let others
-        run between them, and a failure there is the delivery's only reply.
+        run between them, and a failure there is the delivery's only reply. The
+        buffers come from allocator ``source`` (a position in :attr:`allocators`).
         """
         fmt = formats.FORMATS.get(request.fourcc)
         if fmt is None:
@@ -505,7 +603,10 @@ class Core:
         refused = self._over_quota(session, serial, request.count, planned * request.count)
         if refused is not None:
             return refused
-        batch = _Allocation(self, session, serial, fmt, request, limits)
+        allocate = self.backend.allocate
+        if source:  # any allocator but the default (which a test may have replaced)
+            allocate = functools.partial(self.allocators.allocate_from, source)
+        batch = _Allocation(self, session, serial, request, allocate, fmt, limits)
         if request.count > MADE_AT_ONCE:
             return batch  # made step by step, the loop free between steps (Delivery.prepare)
         made = False
@@ -589,8 +690,14 @@ class Core:
             quota_bytes,
             used.buffers,
             used.bytes,
+            self._matrix() if session.version > 1 else (),  # version 1 has no matrix
         )
         return Answer(serial, reply)
+
+    def _matrix(self) -> tuple[DeviceImports, ...]:
+        """QUERIED's import matrix (version 2), as recorded at start."""
+        rows = self.allocators.matrix.rows
+        return tuple(DeviceImports(r.node, r.driver, r.imports) for r in rows)
 
     def _sees_all(self, session: Session) -> bool:
         """Root and the admin group see (and may open) every client's buffers."""
@@ -750,12 +857,14 @@ class _Allocation(_Undoable):
         core: Core,
         session: Session,
         serial: int,
-        fmt: formats.Format,
         request: Allocate,
+        allocate: Callable[[formats.Format, int, int, Limits], Allocation],
+        fmt: formats.Format,
         limits: Limits,
     ):
         super().__init__(core, session, serial)
-        self._fmt, self._request, self._limits = fmt, request, limits
+        self._request, self._make = request, allocate
+        self._fmt, self._limits = fmt, limits
         self._made: list[Allocation] = []  # not the session's yet
         self._infos: list[BufferInfo] = []
         self._next = 0
@@ -778,9 +887,7 @@ class _Allocation(_Undoable):
     def prepare(self) -> None:
         core, session, request = self._core, self._session, self._request
         try:
-            self._made.append(
-                core.backend.allocate(self._fmt, request.width, request.height, self._limits)
-            )
+            self._made.append(self._make(self._fmt, request.width, request.height, self._limits))
         except KernelError as e:
             self._end(core._kernel(session, self.serial, e))
             return
@@ -828,7 +935,9 @@ class _Allocation(_Undoable):
         backend, buffers = self._core.backend, self._session.buffers
         for info in part:
             fds.append(backend.export(buffers[info.id]))
-        return Allocated(len(self._infos), index, tuple(part))
+        # Version 2 says which allocator made them (one request, one allocator).
+        allocator = buffers[part[0].id].source if self._session.version > 1 else 0
+        return Allocated(len(self._infos), index, tuple(part), allocator)
 
     def _undo(self) -> None:
         self._over = True
@@ -873,7 +982,8 @@ class _HandOver(_Undoable):
             # A single-use token opens nothing more from now on, but is spent only once
             # the reply carrying its fd is sent (sent()); a failed send puts it back.
             self._taken = (once, self._core.tokens.take(once))
-        return Allocated(1, 0, (_info(0, allocation),))
+        allocator = allocation.source if self._session.version > 1 else 0
+        return Allocated(1, 0, (_info(0, allocation),), allocator)
 
     def sent(self) -> None:
         self._taken = None

@@ -24,7 +24,7 @@ from primed.daemon import systemd
 from primed.daemon.policy import Policy
 from primed.daemon.transport import HELLO_TIMEOUT, SEND_TIMEOUT, Daemon
 from primed.formats import Limits
-from primed.kernel.allocation import BufferSource
+from primed.kernel.allocation import Allocators, BufferSource
 
 log = logging.getLogger("primed")
 
@@ -99,16 +99,20 @@ async def run(
     and, with $WATCHDOG_USEC, WATCHDOG=1. With ``raise_fd_limit`` the soft
     RLIMIT_NOFILE is raised to the hard one; pass False where the service manager
     sets the limit (LimitNOFILE=) and it is to be kept. A connection that sends no
-    HELLO within ``hello_timeout`` seconds is dropped.
+    HELLO within ``hello_timeout`` seconds is dropped. ``backend`` is one allocator or
+    several (an :class:`Allocators`, whose first is the default); it is closed at the end.
     """
     daemon = Daemon(backend, limits, policy, reload, send_timeout, hello_timeout)
     reload_note = ""
     if raise_fd_limit:
         fdpass.raise_fd_limit()
 
+    names = ", ".join(s.name for s in Allocators.of(backend).served)
+    several = f" ({names})" if "," in names else ""
+
     def status() -> str:
         kind = backend.kind.name.lower()
-        return f"serving {kind} buffers on {path}: {daemon.summary()}{reload_note}"
+        return f"serving {kind} buffers on {path}{several}: {daemon.summary()}{reload_note}"
 
     ignore_stray_reloads()
     with (
@@ -123,7 +127,7 @@ async def run(
                 async with trio.open_nursery() as nursery:
                     await nursery.start(daemon.serve, listener)
                     log.info(
-                        "serving %s buffers from %s (%s %d.%d.%d) on %s",
+                        "serving %s buffers from %s (%s %d.%d.%d) on %s; allocators: %s",
                         backend.kind.name.lower(),
                         backend.node or "memfd",
                         backend.driver.name,
@@ -131,6 +135,7 @@ async def run(
                         backend.driver.minor,
                         backend.driver.patch,
                         path,
+                        names,
                     )
                     notifier.ready(status())
                     nursery.start_soon(notifier.heartbeat, status, systemd.watchdog_interval())

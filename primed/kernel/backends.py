@@ -15,7 +15,7 @@ from primed.errors import KernelError, NoDevice
 from primed.formats import Format, LayoutError, Limits, layout, plan
 from primed.kernel import dmabuf, drm
 from primed.kernel.allocation import Allocation, planes_of
-from primed.wire.schema import Backend
+from primed.wire.schema import Backend, Kind
 
 
 def page_rounded(size: int) -> int:
@@ -55,6 +55,7 @@ class DumbBackend:
     """Dumb buffers on a DRM card node, exported with PRIME."""
 
     kind = Backend.DRM
+    allocator_kind = Kind.DUMB
 
     def __init__(self, path: str):
         self.node = path
@@ -147,6 +148,7 @@ class MemfdBackend:
     """
 
     kind = Backend.MEMFD
+    allocator_kind = Kind.MEMFD
     node = ""
     driver = drm.Version("memfd", 0, 0, 0, "", "sealed memfd buffers")
 

@@ -27,7 +27,7 @@ from primed.formats import Format, Limits, plan
 from primed.kernel import drm
 from primed.kernel.allocation import Allocation, planes_of
 from primed.kernel.backends import DmabufFdBackend, page_rounded
-from primed.wire.schema import Backend
+from primed.wire.schema import Backend, Kind
 
 #: Where the kernel puts one character device per heap.
 HEAP_ROOT = "/dev/dma_heap"
@@ -93,6 +93,7 @@ class HeapBackend(DmabufFdBackend):
     """
 
     kind = Backend.DRM
+    allocator_kind = Kind.HEAP
 
     def __init__(self, name: str = "system", root: str = HEAP_ROOT):
         self.fd = open_heap(name, root)

@@ -33,7 +33,7 @@ from primed.formats import Format, Limits, plan
 from primed.kernel import drm
 from primed.kernel.allocation import Allocation, planes_of
 from primed.kernel.backends import DmabufFdBackend, page_rounded
-from primed.wire.schema import Backend
+from primed.wire.schema import Backend, Kind
 
 #: The misc device.
 UDMABUF_DEVICE = "/dev/udmabuf"
@@ -116,6 +116,7 @@ class UdmabufBackend(DmabufFdBackend):
     """
 
     kind = Backend.DRM
+    allocator_kind = Kind.UDMABUF
 
     def __init__(self, path: str = UDMABUF_DEVICE):
         self.fd = open_device(path)

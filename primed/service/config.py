@@ -41,8 +41,13 @@ class ConfigError(PrimedError, ValueError):
 class Config:
     """Everything ``primed serve`` is told, from the file and the command line."""
 
-    device: str | None = None  #: None: the first card node that makes dumb buffers
+    #: A card node, or several (their dumb buffers are allocators, the first the
+    #: default). None: the first card node that makes dumb buffers, unless a heap or
+    #: udmabuf is named.
+    device: str | tuple[str, ...] | None = None
     backend: str = "drm"
+    heap: tuple[str, ...] = ()  #: dma-buf heaps to serve, by name (e.g. "system")
+    udmabuf: bool = False  #: serve udmabuf (/dev/udmabuf)
     socket: str | None = None  #: None: $PRIMED_SOCKET, else /run/primed/primed.sock
     socket_mode: int = 0o660
     log_level: str = "info"
@@ -57,14 +62,32 @@ class Config:
     def socket_path(self) -> str:
         return socket_path(self.socket)
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The card nodes named, in order (none if ``device`` is None)."""
+        if self.device is None:
+            return ()
+        return (self.device,) if isinstance(self.device, str) else self.device
+
 
 #: Keys a reload cannot change: they take effect when the daemon restarts.
-RESTART_KEYS = ("device", "backend", "socket", "socket_mode", "send_timeout", "hello_timeout")
+RESTART_KEYS = (
+    "device",
+    "backend",
+    "heap",
+    "udmabuf",
+    "socket",
+    "socket_mode",
+    "send_timeout",
+    "hello_timeout",
+)
 
 #: The command-line flag that overrides each key.
 FLAGS = {
     "device": "--device",
     "backend": "--backend",
+    "heap": "--heap",
+    "udmabuf": "--udmabuf",
     "socket": "--socket",
     "socket_mode": "--socket-mode",
     "log_level": "--log-level",
@@ -91,6 +114,40 @@ def _describe(value: object) -> str:
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _strings(key: str, value: object) -> tuple[str, ...]:
+    """A non-empty string, or a non-empty array of them with no repeats, as a tuple."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise ValueError(f"expected a non-empty string or an array of them, got {_describe(value)}")
+    twice = next((item for i, item in enumerate(items) if item in items[:i]), None)
+    if twice is not None:
+        raise ValueError(f"{twice!r} is named twice")
+    return tuple(str(item) for item in items)
+
+
+def _devices(key: str, value: object) -> str | tuple[str, ...]:
+    """One card node as a string, several as a tuple."""
+    paths = _strings(key, value)
+    return paths[0] if len(paths) == 1 else paths
+
+
+def _heaps(key: str, value: object) -> tuple[str, ...]:
+    """A heap's name, or an array of them (empty: none)."""
+    if value == []:
+        return ()
+    names = _strings(key, value)
+    for name in names:
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a heap name (as under /dev/dma_heap)")
+    return names
+
+
+def _boolean(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_describe(value)}")
     return value
 
 
@@ -187,8 +244,10 @@ def _one_id(resolve: Callable[[object], int]) -> Callable[[str, object], int]:
 
 #: Every key the file may hold (tables flattened), and what makes its value.
 KEYS: dict[str, Callable[[str, Any], Any]] = {
-    "device": _string,
+    "device": _devices,
     "backend": _choice(BACKENDS),
+    "heap": _heaps,
+    "udmabuf": _boolean,
     "socket": _string,
     "socket_mode": _mode,
     "log_level": _choice(LOG_LEVELS),
@@ -341,6 +400,8 @@ def build(
     return Config(
         device=values.get("device"),
         backend=values.get("backend", "drm"),
+        heap=values.get("heap", ()),
+        udmabuf=values.get("udmabuf", False),
         socket=values.get("socket"),
         socket_mode=values.get("socket_mode", 0o660),
         log_level=values.get("log_level", "info"),
@@ -395,12 +456,12 @@ def restart_needed(running: Config, new: Config, node: str | None = None) -> lis
     ``running`` is the configuration the daemon started with, not the last one a
     reload read: a reload applies none of these keys, so a change stays to be
     warned of on every reload until the file matches what runs again. ``node``
-    is the card node the daemon opened, if any: a ``device`` naming it is no
-    change, though the daemon was started without one (and picked it).
+    is the card node the daemon picked when started without a ``device`` (or the
+    one it opened): a ``device`` naming it is no change.
     """
     changed = []
     for key in RESTART_KEYS:
-        if key == "device" and node and new.device == node:
+        if key == "device" and node and new.devices == (node,) and running.devices in ((), (node,)):
             continue
         if getattr(running, key) != getattr(new, key):
             changed.append(key)

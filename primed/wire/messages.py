@@ -20,6 +20,7 @@ from primed.wire.schema import (
     MAX_TEXT,
     MAX_UIDS,
     Backend,
+    Kind,
     Opcode,
 )
 
@@ -28,6 +29,13 @@ SHARE_ONCE = 1
 #: LIST's ``what``.
 LIST_CLIENTS = 1
 LIST_BUFFERS = 2
+#: Usage bits (version 2): what an allocator's buffers serve, and what ALLOCATE_FROM asks.
+#: A card node's dumb buffer, which KMS can scan out.
+USAGE_SCANOUT = 1
+#: Mapped and touched by the CPU.
+USAGE_CPU = 2
+#: Every usage bit defined.
+USAGES = USAGE_SCANOUT | USAGE_CPU
 
 _NAME = Text(MAX_NAME)
 _VERSION = Group(("driver_major", "driver_minor", "driver_patch"))
@@ -62,7 +70,7 @@ class Hello(Request):
 
     OPCODE: ClassVar[Opcode] = Opcode.HELLO
     WIRE: ClassVar[dict[str, codec.Adapter]] = {"name": _NAME}
-    min_version: int = schema.VERSION
+    min_version: int = schema.MIN_VERSION
     max_version: int = schema.VERSION
     name: str = ""
 
@@ -77,6 +85,23 @@ class Allocate(Request):
     fourcc: int
     count: int = 1
     flags: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AllocateFrom(Request):
+    """Version 2: ALLOCATE from the allocator called ``name``, or (``name`` empty) from
+    the first allocator whose buffers serve every ``usage`` bit and, if ``device`` (a
+    render node, as QUERIED's import matrix names it) is given, import on it."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.ALLOCATE_FROM
+    WIRE: ClassVar[dict[str, codec.Adapter]] = {"name": _NAME, "device": _NAME}
+    width: int
+    height: int
+    fourcc: int
+    count: int = 1
+    usage: int = 0
+    name: str = ""
+    device: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,8 +129,34 @@ class Error(Reply):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AllocatorInfo:
+    """One allocator a version-2 daemon serves, as WELCOME lists it."""
+
+    WIRE: ClassVar[dict[str, codec.Adapter]] = {
+        "kind": Enum(Kind),
+        "name": _NAME,
+        "driver": _NAME,
+        "driver_version": _VERSION,
+        "node": _NAME,
+    }
+    name: str  #: e.g. "card0", "heap:system", "udmabuf", "memfd"
+    kind: Kind
+    usage: int  #: the USAGE_ bits its buffers serve
+    driver: str
+    driver_version: tuple[int, int, int]
+    node: str  #: the device node it allocates from; "" for memfd
+
+    @property
+    def backend(self) -> Backend:
+        """What its buffers' fds are: a sealed memfd, or a dma-buf."""
+        return Backend.MEMFD if self.kind == Kind.MEMFD else Backend.DRM
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Welcome(Reply):
-    """The server's answer to Hello: the version it chose, its backend, device and limits."""
+    """The server's answer to Hello: the version it chose, its backend, device and limits
+    (those of its default allocator), and in version 2 every allocator it serves, the
+    default first."""
 
     OPCODE: ClassVar[Opcode] = Opcode.WELCOME
     WIRE: ClassVar[dict[str, codec.Adapter]] = {
@@ -113,6 +164,7 @@ class Welcome(Reply):
         "driver": _NAME,
         "driver_version": _VERSION,
         "node": _NAME,
+        "allocators": Records(AllocatorInfo, 0, 2**16 - 1),
     }
     version: int
     backend: Backend
@@ -123,6 +175,7 @@ class Welcome(Reply):
     driver: str = ""
     driver_version: tuple[int, int, int] = (0, 0, 0)
     node: str = ""
+    allocators: tuple[AllocatorInfo, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,7 +197,8 @@ class BufferInfo:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Allocated(Reply):
     """Part of the answer to Allocate: buffers ``index`` .. ``index + len(buffers)`` of
-    ``total``, each with its fd attached in the same order."""
+    ``total``, each with its fd attached in the same order. ``allocator`` is the
+    position in WELCOME's list of the allocator they come from (version 2; 0 in 1)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.ALLOCATED
     WIRE: ClassVar[dict[str, codec.Adapter]] = {
@@ -153,6 +207,7 @@ class Allocated(Reply):
     total: int
     index: int
     buffers: tuple[BufferInfo, ...]
+    allocator: int = 0
 
     @property
     def nfds(self) -> int:
@@ -231,8 +286,25 @@ class FormatInfo:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DeviceImports:
+    """One row of the import matrix (QUERIED, version 2): a DRM render node, and for each
+    allocator in WELCOME's order what importing one of its buffers there gave: 0 (it
+    imported), or the kernel's errno."""
+
+    WIRE: ClassVar[dict[str, codec.Adapter]] = {
+        "node": _NAME,
+        "driver": _NAME,
+        "imports": Ints(2**16 - 1),
+    }
+    node: str
+    driver: str
+    imports: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Queried(Reply):
-    """The answer to Query: backend, device, formats, modifiers, limits, quota and use."""
+    """The answer to Query: backend, device, formats, modifiers, limits, quota and use;
+    in version 2 also the import matrix, one row per render node."""
 
     OPCODE: ClassVar[Opcode] = Opcode.QUERIED
     WIRE: ClassVar[dict[str, codec.Adapter]] = {
@@ -242,6 +314,7 @@ class Queried(Reply):
         "node": _NAME,
         "formats": Records(FormatInfo),
         "modifiers": Ints(2**16 - 1),  # as many as the u16 count holds
+        "devices": Records(DeviceImports, 0, 2**16 - 1),
     }
     backend: Backend
     driver: str
@@ -257,6 +330,7 @@ class Queried(Reply):
     quota_bytes: int  #: 0: no quota
     used_buffers: int
     used_bytes: int
+    devices: tuple[DeviceImports, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -363,8 +437,11 @@ class Passed(Message):
 
 REQUESTS: dict[int, type[Request]] = {
     c.OPCODE: c
-    for c in (Hello, Allocate, Release, Share, OpenShared, Revoke, Query, List, Stats, OpenBuffer)
-}
+    for c in (
+        Hello, Allocate, Release, Share, OpenShared, Revoke, Query, List, Stats, OpenBuffer,
+        AllocateFrom,
+    )
+}  # fmt: skip
 REPLIES: dict[int, type[Reply]] = {
     c.OPCODE: c
     for c in (

@@ -28,11 +28,17 @@ from primed.wire.messages import (
     REPLIES,
     REQUESTS,
     SHARE_ONCE,
+    USAGE_CPU,
+    USAGE_SCANOUT,
+    USAGES,
     Allocate,
     Allocated,
+    AllocateFrom,
+    AllocatorInfo,
     BufferEntry,
     BufferInfo,
     ClientEntry,
+    DeviceImports,
     Error,
     FormatInfo,
     Hello,
@@ -66,11 +72,17 @@ __all__ = [
     "REPLIES",
     "REQUESTS",
     "SHARE_ONCE",
+    "USAGES",
+    "USAGE_CPU",
+    "USAGE_SCANOUT",
     "Allocate",
+    "AllocateFrom",
     "Allocated",
+    "AllocatorInfo",
     "BufferEntry",
     "BufferInfo",
     "ClientEntry",
+    "DeviceImports",
     "Error",
     "FormatInfo",
     "Hello",
@@ -219,7 +231,9 @@ def _check_names(what: str, declaration: Any, names: tuple[str, ...]) -> None:
 _PLANE_FIELDS = tuple(f"{name}{i}" for i in range(4) for name in ("offset", "pitch"))
 _check_names("HEADER", schema.HEADER, ("opcode", "nfds", "size", "serial"))
 _check_names("ALLOCATE_HEAD", schema.ALLOCATE_HEAD, ("width", "height", "fourcc", "count", "flags"))
-_check_names("ALLOCATED_HEAD", schema.ALLOCATED_HEAD, ("total", "index", "count", "reserved"))
+_check_names(
+    "ALLOCATED_HEAD", schema.ALLOCATED_HEAD, ("total", "index", "count", "allocator", "reserved")
+)
 _check_names("RELEASE_HEAD", schema.RELEASE_HEAD, ("count", "reserved"))
 _check_names("RELEASED_HEAD", schema.RELEASED_HEAD, ("count", "reserved"))
 _check_names(
@@ -232,7 +246,7 @@ if BufferInfo.WIRE["planes"] != Slots("nplanes", ("offset", "pitch"), 1, 4):
 _CONSTS = {
     "ALLOCATE_HEAD": (schema.ALLOCATE_HEAD, ()),
     "RELEASE_HEAD": (schema.RELEASE_HEAD, ((1, 0),)),
-    "ALLOCATED_HEAD": (schema.ALLOCATED_HEAD, ((3, 0),)),
+    "ALLOCATED_HEAD": (schema.ALLOCATED_HEAD, ((4, 0),)),
     "RELEASED_HEAD": (schema.RELEASED_HEAD, ((1, 0),)),
     "BUFFER": (schema.BUFFER, ()),
 }
@@ -275,14 +289,14 @@ def release_datagram(serial: int, ids: tuple[int, ...] | list[int]) -> bytes:
 
 def one_buffer(
     data: bytes, nfds: int
-) -> tuple[int, int, int, int, int, int, int, tuple[tuple[int, int], ...]] | None:
+) -> tuple[int, int, int, int, int, int, int, tuple[tuple[int, int], ...], int] | None:
     """An ALLOCATED that is the whole answer (total 1, index 0) of one buffer, with its
-    one fd: ``(serial, id, width, height, fourcc, modifier, size, planes)``, each plane
-    an ``(offset, pitch)``, when decode() would accept ``data``; else None."""
+    one fd: ``(serial, id, width, height, fourcc, modifier, size, planes, allocator)``,
+    each plane an ``(offset, pitch)``, when decode() would accept ``data``; else None."""
     if nfds != 1 or len(data) != _ONE_BUFFER_SIZE:
         return None
     (
-        opcode, header_fds, size, serial, total, index, count, reserved,
+        opcode, header_fds, size, serial, total, index, count, allocator, reserved,
         ident, width, height, fourcc, nplanes, modifier, bytes_,
         o0, p0, o1, p1, o2, p2, o3, p3,
     ) = _ONE_BUFFER.unpack(data)  # fmt: skip
@@ -305,7 +319,7 @@ def one_buffer(
         if not 1 <= nplanes <= 4 or any(o or p for o, p in slots[nplanes:]):
             return None
         planes = slots[:nplanes]
-    return serial, ident, width, height, fourcc, modifier, bytes_, planes
+    return serial, ident, width, height, fourcc, modifier, bytes_, planes, allocator
 
 
 def released_count(data: bytes, nfds: int) -> tuple[int, int] | None:

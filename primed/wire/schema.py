@@ -38,8 +38,10 @@ from construct import (
 )
 from construct import Error as Refuse
 
-#: The only protocol version so far.
-VERSION = 1
+#: The newest protocol version this side speaks (PROTOCOL.md: "Versions").
+VERSION = 2
+#: The oldest: a version-1 client is served as it always was.
+MIN_VERSION = 1
 #: The largest datagram either side sends or accepts, header included.
 MAX_MESSAGE = 65536
 #: SCM_MAX_FD: the kernel passes at most this many fds in one message.
@@ -79,6 +81,8 @@ class Opcode(enum.IntEnum):
     STATS = 0x0009
     #: Client -> server, root or the admin group only: receive any client's buffer by id.
     OPEN_BUFFER = 0x000A
+    #: Client -> server, version 2: ALLOCATE from a named allocator, or one fit for a usage.
+    ALLOCATE_FROM = 0x000B
     #: Peer -> peer, never to or from the daemon: one buffer passed directly. Carries one fd.
     BUFFER = 0x0100
     #: Server -> client: a request failed. Carries no fds.
@@ -108,6 +112,19 @@ class Backend(enum.IntEnum):
     DRM = 1
     #: Sealed memfds: CPU-only sharing, no GEM handle can be made from them.
     MEMFD = 2
+
+
+class Kind(enum.IntEnum):
+    """What an allocator is (WELCOME's allocator list, version 2)."""
+
+    #: Dumb buffers of a DRM card node, exported with PRIME: dma-bufs that can be scanned out.
+    DUMB = 1
+    #: A dma-buf heap (/dev/dma_heap/NAME): dma-bufs of plain memory.
+    HEAP = 2
+    #: udmabuf (/dev/udmabuf): dma-bufs made of sealed memfds' pages.
+    UDMABUF = 3
+    #: Sealed memfds: CPU-only, no dma-buf.
+    MEMFD = 4
 
 
 HEADER = Struct(
@@ -144,7 +161,8 @@ ERROR_HEAD = Struct(
 WELCOME_HEAD = Struct(
     "version" / Int16ul,
     "backend" / Int16ul,
-    "flags" / Const(0, Int32ul),
+    "nallocators" / Int16ul,  # version 2: the allocator list; always 0 in version 1
+    "reserved" / Const(0, Int16ul),
     "max_width" / Int32ul,
     "max_height" / Int32ul,
     "max_size" / Int64ul,
@@ -155,11 +173,37 @@ WELCOME_HEAD = Struct(
     "driver_len" / Int16ul,
     "node_len" / Int16ul,
 )
+# One allocator of WELCOME's list (version 2). The first is the default: the one a
+# version-1 client, and ALLOCATE in any version, allocates from.
+ALLOCATOR = Struct(
+    "kind" / Int16ul,  # a Kind
+    "usage" / Int16ul,  # the USAGE_ bits its buffers serve
+    "driver_major" / Int32ul,
+    "driver_minor" / Int32ul,
+    "driver_patch" / Int32ul,
+    "name_len" / Int16ul,
+    "driver_len" / Int16ul,
+    "node_len" / Int16ul,
+    "reserved" / Const(0, Int16ul),
+    "name" / Bytes(this.name_len),
+    "driver" / Bytes(this.driver_len),
+    "node" / Bytes(this.node_len),
+)
 ALLOCATED_HEAD = Struct(
     "total" / Int32ul,  # buffers in the whole reply
     "index" / Int32ul,  # position of this part's first buffer in the whole
     "count" / Int32ul,  # buffers (and fds) in this part
-    "reserved" / Const(0, Int32ul),
+    "allocator" / Int16ul,  # version 2: its position in WELCOME's list; always 0 in version 1
+    "reserved" / Const(0, Int16ul),
+)
+ALLOCATE_FROM_HEAD = Struct(
+    "width" / Int32ul,
+    "height" / Int32ul,
+    "fourcc" / Int32ul,
+    "count" / Int32ul,
+    "usage" / Int32ul,  # USAGE_ bits the allocator must serve
+    "name_len" / Int16ul,  # 0: the daemon chooses
+    "device_len" / Int16ul,  # 0: no import asked for; else a render node, as QUERIED names it
 )
 # One buffer of an ALLOCATED reply; its fd is the one at the same position.
 BUFFER = Struct(
@@ -194,7 +238,7 @@ QUERIED_HEAD = Struct(
     "backend" / Int16ul,
     "nformats" / Int16ul,
     "nmodifiers" / Int16ul,
-    "reserved" / Const(0, Int16ul),
+    "ndevices" / Int16ul,  # version 2: the import matrix's rows; always 0 in version 1
     "driver_major" / Int32ul,
     "driver_minor" / Int32ul,
     "driver_patch" / Int32ul,
@@ -220,6 +264,17 @@ FORMAT = Struct(
     "cpp1" / Int8ul,
     "cpp2" / Int8ul,
     "cpp3" / Int8ul,
+)
+# One row of QUERIED's import matrix (version 2): a DRM render node, and what importing a
+# buffer of each allocator (in WELCOME's order) on it gave: 0, or the kernel's errno.
+DEVICE = Struct(
+    "node_len" / Int16ul,
+    "driver_len" / Int16ul,
+    "nimports" / Int16ul,
+    "reserved" / Const(0, Int16ul),
+    "node" / Bytes(this.node_len),
+    "driver" / Bytes(this.driver_len),
+    "imports" / Array(this.nimports, Int32ul),
 )
 LIST_HEAD = Struct(
     "what" / Int16ul,  # 1: clients, 2: buffers
@@ -290,6 +345,13 @@ BODIES: dict[Opcode, Any] = {
         *WELCOME_HEAD.subcons,
         "driver" / Bytes(this.driver_len),
         "node" / Bytes(this.node_len),
+        "allocators" / Array(this.nallocators, ALLOCATOR),
+        Terminated,
+    ),
+    Opcode.ALLOCATE_FROM: Struct(
+        *ALLOCATE_FROM_HEAD.subcons,
+        "name" / Bytes(this.name_len),
+        "device" / Bytes(this.device_len),
         Terminated,
     ),
     Opcode.ALLOCATED: Struct(
@@ -308,6 +370,7 @@ BODIES: dict[Opcode, Any] = {
         "modifiers" / Array(this.nmodifiers, Int64ul),
         "driver" / Bytes(this.driver_len),
         "node" / Bytes(this.node_len),
+        "devices" / Array(this.ndevices, DEVICE),
         Terminated,
     ),
     Opcode.LIST: Struct(*LIST_HEAD.subcons, Terminated),

@@ -51,7 +51,7 @@ def fails(code: int, *args: str, env: dict[str, str] | None = None) -> str:
 
 
 INFO = {
-    "version": 1,
+    "version": 2,
     "backend": "memfd",
     "driver": "memfd",
     "driver_version": "0.0.0",
@@ -62,6 +62,17 @@ INFO = {
         "max_size": 1 << 30,
         "max_count": 1024,
     },
+    "allocators": [
+        {
+            "name": "memfd",
+            "kind": "memfd",
+            "usage": ["cpu"],
+            "driver": "memfd",
+            "driver_version": "0.0.0",
+            "node": "",
+        }
+    ],
+    "imports": [],  # the host has no DRM render node
 }
 
 
@@ -72,8 +83,11 @@ def test_info_json(shared: Daemon) -> None:
 def test_info_text(shared: Daemon) -> None:
     assert succeeds("info", "--socket", shared.socket).splitlines() == [
         "backend: memfd",
-        "protocol version: 1",
+        "protocol version: 2",
         "limits:  16384x16384, 1073741824 bytes per buffer, 1024 buffers per request",
+        "allocators (the first is the default):",
+        "  memfd: memfd, memfd; usage cpu",
+        "imports: no DRM render node",
     ]
 
 
@@ -90,6 +104,7 @@ def expected_buffers(width: int, height: int, code: str, count: int) -> list[dic
             "modifier": 0,
             "size": size,
             "planes": planes,
+            "allocator": "memfd",
         }
         for i in range(1, count + 1)
     ]
@@ -212,6 +227,10 @@ def test_serve_honours_primed_socket(spawn: StartDaemon) -> None:
         (["--backend", "vulkan"], 2, "invalid choice"),
         (["--backend", "memfd", "--hello-timeout", "0"], 2, "--hello-timeout: 0.0 is not within"),
         (["--backend", "memfd", "--connections-per-uid", "-1"], 2, "--connections-per-uid: -1"),
+        # A heap no kernel has: a host with dma-buf heaps answers the same.
+        (["--heap", "primed-none"], 1, "open /dev/dma_heap/primed-none ("),
+        (["--backend", "memfd", "--heap", "system"], 2, "--heap makes no sense"),
+        (["--heap", "system", "--heap", "system"], 2, "--heap: 'system' is named twice"),
     ],
     ids=[
         "device with memfd",
@@ -220,6 +239,9 @@ def test_serve_honours_primed_socket(spawn: StartDaemon) -> None:
         "unknown backend",
         "hello-timeout",
         "connections-per-uid",
+        "missing heap",
+        "heap with memfd",
+        "heap twice",
     ],
 )
 def test_serve_refuses(sock_dir: Path, args: list[str], code: int, message: str) -> None:

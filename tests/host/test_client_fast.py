@@ -176,7 +176,17 @@ def what_decode_says(data: bytes, nfds: int, kind: type = Allocated) -> object:
         return None
     if isinstance(reply, Allocated) and (reply.total, reply.index, len(reply.buffers)) == (1, 0, 1):
         b = reply.buffers[0]
-        return serial, b.id, b.width, b.height, b.fourcc, b.modifier, b.size, b.planes
+        return (
+            serial,
+            b.id,
+            b.width,
+            b.height,
+            b.fourcc,
+            b.modifier,
+            b.size,
+            b.planes,
+            reply.allocator,
+        )
     if isinstance(reply, Released):
         return serial, reply.count
     return None

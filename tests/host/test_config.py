@@ -353,3 +353,38 @@ def test_dumb_buffers_are_not_bounded_by_the_fd_limit() -> None:
     assert drm.bounds.buffers == 1 << 20 and drm.quotas.buffers_per_uid == 1 << 17
     assert drm.bounds.connections == memfd.bounds.connections == 240
     assert drm.quotas.bytes_per_uid == memfd.quotas.bytes_per_uid == 1 << 31
+
+
+def test_several_allocators(tmp_path: Path) -> None:
+    text = 'device = ["/dev/dri/card0", "/dev/dri/card1"]\nheap = "system"\nudmabuf = true\n'
+    loaded = config.load(write(tmp_path, text), nofile=4096)
+    assert loaded.devices == ("/dev/dri/card0", "/dev/dri/card1")
+    assert (loaded.heap, loaded.udmabuf) == (("system",), True)
+    # One device, in the file or on the command line, is the string it always was.
+    one = config.load(None, {"device": ["/dev/dri/card1"], "heap": ["system", "reserved"]})
+    assert (one.device, one.devices, one.heap) == (
+        "/dev/dri/card1",
+        ("/dev/dri/card1",),
+        ("system", "reserved"),
+    )
+    assert config.load(write(tmp_path, "heap = []\n")).heap == ()
+    # Each is a restart-only key.
+    assert config.restart_needed(Config(), loaded) == ["device", "heap", "udmabuf"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("device = []", "device: expected a non-empty string or an array of them"),
+        (
+            'device = ["/dev/dri/card0", "/dev/dri/card0"]',
+            "device: '/dev/dri/card0' is named twice",
+        ),
+        ('heap = "a/b"', "heap: 'a/b' is not a heap name"),
+        ("heap = [1]", "heap: expected a non-empty string"),
+        ('udmabuf = "yes"', "udmabuf: expected true or false, got 'yes'"),
+    ],
+)
+def test_bad_allocator_keys(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(write(tmp_path, text + "\n"))

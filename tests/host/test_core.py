@@ -45,8 +45,10 @@ from primed.kernel.allocation import Allocation
 from primed.kernel.backends import MemfdBackend
 from primed.wire import protocol
 from primed.wire.protocol import (
+    USAGE_CPU,
     Allocate,
     Allocated,
+    AllocatorInfo,
     BufferEntry,
     ClientEntry,
     Error,
@@ -69,7 +71,7 @@ from primed.wire.protocol import (
     Stats,
     Welcome,
 )
-from primed.wire.schema import MAX_FDS, VERSION, Backend, Opcode
+from primed.wire.schema import MAX_FDS, VERSION, Backend, Kind, Opcode
 
 XR24 = formats.fourcc("XR24")
 NV12 = formats.fourcc("NV12")
@@ -236,7 +238,10 @@ def test_hello_answers_welcome_with_the_limits(harness: Harness) -> None:
     harness.core.configure(Limits(640, 480, 1 << 20, 8), Policy())
     session = harness.connect(hello=False)
     welcome = harness.ask(session, Hello(1, VERSION + 5, "painter"))
-    assert welcome == Welcome(VERSION, Backend.MEMFD, 640, 480, 1 << 20, 8, "memfd", (0, 0, 0), "")
+    memfd = AllocatorInfo("memfd", Kind.MEMFD, USAGE_CPU, "memfd", (0, 0, 0), "")
+    assert welcome == Welcome(
+        VERSION, Backend.MEMFD, 640, 480, 1 << 20, 8, "memfd", (0, 0, 0), "", (memfd,)
+    )
     assert (session.version, session.name) == (VERSION, "painter")
     assert "'painter'" in str(session)
 

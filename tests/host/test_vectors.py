@@ -23,9 +23,12 @@ from primed.wire.protocol import (
     LIST_CLIENTS,
     Allocate,
     Allocated,
+    AllocateFrom,
+    AllocatorInfo,
     BufferEntry,
     BufferInfo,
     ClientEntry,
+    DeviceImports,
     Error,
     FormatInfo,
     Hello,
@@ -47,7 +50,7 @@ from primed.wire.protocol import (
     Stats,
     Welcome,
 )
-from primed.wire.schema import Backend, Opcode
+from primed.wire.schema import Backend, Kind, Opcode
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "protocol" / "vectors"
@@ -84,6 +87,22 @@ def _entries(what: int, records: list[dict[str, Any]]) -> Any:
     return tuple(_record(cls, r) for r in records)
 
 
+def _allocator(fields: dict[str, Any]) -> AllocatorInfo:
+    major, minor, patch = fields["driver_version"]
+    return AllocatorInfo(
+        fields["name"],
+        Kind(fields["kind"]),
+        fields["usage"],
+        fields["driver"],
+        (major, minor, patch),
+        fields["node"],
+    )
+
+
+def _device(fields: dict[str, Any]) -> DeviceImports:
+    return DeviceImports(fields["node"], fields["driver"], tuple(fields["imports"]))
+
+
 def _token(text: str) -> bytes:
     assert text == text.lower()  # one spelling only: lower-case hex, as documented
     return bytes.fromhex(text)
@@ -98,6 +117,10 @@ def message_of(entry: dict[str, Any]) -> Message:
             message = Hello(f["min_version"], f["max_version"], f["name"])
         case Opcode.ALLOCATE:
             message = Allocate(f["width"], f["height"], f["fourcc"], f["count"], f["flags"])
+        case Opcode.ALLOCATE_FROM:
+            message = AllocateFrom(
+                f["width"], f["height"], f["fourcc"], f["count"], f["usage"], f["name"], f["device"]
+            )
         case Opcode.RELEASE:
             message = Release(tuple(f["ids"]))
         case Opcode.ERROR:
@@ -114,9 +137,11 @@ def message_of(entry: dict[str, Any]) -> Message:
                 f["driver"],
                 (major, minor, patch),
                 f["node"],
+                tuple(_allocator(a) for a in f["allocators"]),
             )
         case Opcode.ALLOCATED:
-            message = Allocated(f["total"], f["index"], tuple(_buffer(b) for b in f["buffers"]))
+            buffers = tuple(_buffer(b) for b in f["buffers"])
+            message = Allocated(f["total"], f["index"], buffers, f["allocator"])
         case Opcode.RELEASED:
             message = Released(f["count"])
         case Opcode.SHARE:
@@ -148,6 +173,7 @@ def message_of(entry: dict[str, Any]) -> Message:
                 f["quota_bytes"],
                 f["used_buffers"],
                 f["used_bytes"],
+                tuple(_device(d) for d in f["devices"]),
             )
         case Opcode.LIST:
             message = List(f["what"], f["start"])
@@ -209,6 +235,16 @@ def test_vectors_cover_the_protocol() -> None:
     assert any(not m.quota_buffers and not m.quota_bytes for m in queried)
     assert {len(f.cpp) for m in queried for f in m.formats} >= {1, 2, 3}
     assert all(m.modifiers == (0,) for m in queried)
+    # Version 2: an allocator list, an allocator named and chosen by usage, the matrix.
+    welcomes = [m for m in messages if isinstance(m, Welcome)]
+    assert any(not m.allocators for m in welcomes) and any(m.version == 1 for m in welcomes)
+    assert {a.kind for m in welcomes for a in m.allocators} == set(Kind)
+    assert any(m.allocator for m in parts)
+    chosen = [m for m in messages if isinstance(m, AllocateFrom)]
+    assert any(m.name and not m.usage for m in chosen)
+    assert any(not m.name and m.usage and m.device for m in chosen)
+    rows = [d for m in queried for d in m.devices]
+    assert any(0 in d.imports for d in rows) and any(any(d.imports) for d in rows)
     # A token travels as it was handed out: the one SHARED gives is the one opened and revoked.
     tokens = {m.token for m in messages if isinstance(m, Shared | OpenShared | Revoke)}
     assert len(tokens) == 1

@@ -186,6 +186,34 @@ def test_gbm_opens_every_node(
         assert device.plane_count(xrgb, formats.MOD_LINEAR) == -1, path
 
 
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_gbm_gives_back_what_it_took(source: tuple[str, Allocate], nodes: dict[str, Nodes]) -> None:
+    """A device made and destroyed around an import leaves no fd and no handle behind
+    (Mesa works on a dup of the node's fd: it must close it)."""
+    name, allocate = source
+    driver = "vgem"  # takes every source's buffers
+    with allocate(64, 64, "XR24") as buf:
+        before = open_fds()
+        fd = drm.open_node(nodes[driver].card)
+        try:
+            device = gbm.Device(fd)
+            try:
+                with import_as_announced(device, buf, gbm.GBM_BO_USE_RENDERING) as bo:
+                    handle = bo.plane(0).handle
+                    assert len(open_fds() - before) >= 2  # our node fd and Mesa's dup of it
+            finally:
+                device.close()
+            with pytest.raises(KernelError) as closed:
+                drm.handle_to_fd(fd, handle)
+            assert closed.value.errno == errno.ENOENT, name
+        finally:
+            os.close(fd)
+        assert open_fds() == before
+
+
 def test_gbm_imports_what_primed_announced(
     source: tuple[str, Allocate],
     nodes: dict[str, Nodes],

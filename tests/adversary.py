@@ -353,6 +353,14 @@ def figures(found: dict[str, Any]) -> dict[str, object]:
     }
 
 
+def hellos_of(found: dict[str, Any]) -> dict[str, int]:
+    """What every attacker's connections were told at HELLO, added up."""
+    hellos: Counter[str] = Counter()
+    for ready in found["ready"]:
+        hellos.update(ready["hellos"])
+    return dict(hellos)
+
+
 # --- the victim ---------------------------------------------------------------------------
 
 

@@ -91,10 +91,7 @@ def test_fds_in_flight_of_many_uids_on_vgem(vgem: Daemon, config: str) -> None:
         ],
         ROUNDS, leave_wait=120.0,
     )  # fmt: skip
-    hellos: dict[str, int] = {}
-    for ready in found["ready"]:
-        for kind, n in ready["hellos"].items():
-            hellos[kind] = hellos.get(kind, 0) + n
+    hellos = adversary.hellos_of(found)
     verdict.check(set(hellos) == {"Welcome"}, f"the attackers' connections got {hellos}")
     report(
         "fds in flight: many uids fill the bound", config,

@@ -21,8 +21,10 @@ import json
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,3 +190,73 @@ def test_no_render_node_imports_a_memfd(nodes: dict[str, Nodes], tmp_path: Path)
         daemon.stop()
     # A memfd is no dma-buf: PRIME_FD_TO_HANDLE says EINVAL on every driver.
     assert rows == {nodes[d].render: (errno.EINVAL,) for d in ("virtio_gpu", "vgem")}
+
+
+def test_quotas_list_stats_and_dump_are_the_same_for_every_allocator(
+    nodes: dict[str, Nodes], tmp_path: Path
+) -> None:
+    """One quota ledger, one LIST, one STATS and `primed dump` across allocators."""
+    every = names(nodes)
+    config = tmp_path / "primed.toml"
+    config.write_text(f"[quotas]\nbuffers_per_client = {len(every)}\n")
+    extra = ["--heap", "system", "--udmabuf"] if HAS_ALLOCATORS else []
+    daemon = serve(
+        tmp_path / "quota.sock", "--config", str(config),
+        "--device", nodes["virtio_gpu"].card, "--device", nodes["vgem"].card, *extra,
+    )  # fmt: skip
+    try:
+        with primed.connect(daemon.socket, name="lister") as client:
+            bufs = [client.allocate(8, 4, "XR24", allocator=name) for name in every]
+            assert [b.allocator for b in bufs] == every
+            # The quota counts the client's buffers, whichever allocator made them.
+            for name in every:
+                with pytest.raises(primed.ServerError) as refused:
+                    client.allocate(8, 4, "XR24", allocator=name)
+                assert refused.value.code == primed.ErrorCode.QUOTA_EXCEEDED, name
+            listed = client.buffers()  # (the only client)
+            assert sorted((e.id, e.size) for e in listed) == sorted((b.id, b.size) for b in bufs)
+            stats = client.stats()
+            assert (stats.buffers, stats.held_bytes) == (len(every), sum(b.size for b in bufs))
+            for i, buf in enumerate(bufs):
+                drawn = random.Random(i).randbytes(buf.size)
+                with buf.map() as pixels:
+                    pixels[:] = drawn
+                out = tmp_path / f"{i}.png"
+                done = subprocess.run(
+                    [sys.executable, "-m", "primed", "dump", "-", "--png", str(out),
+                     "--socket", daemon.socket],
+                    input=client.share(buf), capture_output=True, text=True, timeout=120,
+                    check=False,
+                )  # fmt: skip
+                assert done.returncode == 0, (every[i], done.stderr)
+                width, height, rows = read_rgb_png(out.read_bytes())
+                assert (width, height) == (8, 4)
+                pitch = buf.planes[0].pitch
+                for y in range(4):
+                    # XR24 in memory is B, G, R, X: the PNG holds R, G, B.
+                    line = drawn[y * pitch : y * pitch + 32]
+                    want = b"".join(bytes((px[2], px[1], px[0])) for px in _pixels(line))
+                    assert rows[y] == want, (every[i], y)
+            client.release(*bufs)
+    finally:
+        daemon.stop()
+
+
+def _pixels(line: bytes) -> list[bytes]:
+    return [line[x : x + 4] for x in range(0, len(line), 4)]
+
+
+def read_rgb_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, rows) of an 8-bit RGB PNG as primed.cli.png writes it (filter 0)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, chunks = 8, {}
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks[data[at + 4 : at + 8]] = data[at + 8 : at + 8 + length]
+        at += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    stride = 1 + 3 * width
+    assert all(raw[y * stride] == 0 for y in range(height))
+    return width, height, [raw[y * stride + 1 : (y + 1) * stride] for y in range(height)]

@@ -1012,21 +1012,33 @@ class _Allocation(_Undoable):
         return Allocated(len(self._ids), index, infos, allocator)
 
     def datagram(self, fds: list[int]) -> bytes:
-        ids, index = self._ids, self._next
-        if self.answer is not None or len(ids) - index != 1:
+        # export()'s reply packed straight from the Allocations: no BufferInfo, no Allocated.
+        if self.answer is not None:
             return super().datagram(fds)
-        # A part of one buffer (most ALLOCATEs are one buffer): packed from the values.
-        ident = ids[index]
-        allocation = self._session.buffers[ident]
-        self._next = index + 1
-        self._over = True
-        fds.append(self._core.backend.export(allocation))
-        a = allocation
-        allocator = a.source if self._session.version > 1 else 0
-        return protocol.one_buffer_datagram(
-            self.serial, len(ids), index, allocator,
-            ident, a.width, a.height, a.fourcc, a.modifier, a.size, a.planes,
-        )  # fmt: skip
+        ids, index = self._ids, self._next
+        backend, buffers = self._core.backend, self._session.buffers
+        total = len(ids)
+        if total - index == 1:  # a part of one buffer: most ALLOCATEs are one buffer
+            ident = ids[index]
+            a = buffers[ident]
+            self._next = index + 1
+            self._over = True
+            fds.append(backend.export(a))
+            allocator = a.source if self._session.version > 1 else 0
+            return protocol.one_buffer_datagram(
+                self.serial, total, index, allocator,
+                ident, a.width, a.height, a.fourcc, a.modifier, a.size, a.planes,
+            )  # fmt: skip
+        part = ids[index : index + MAX_FDS]
+        self._next = index + len(part)
+        self._over = self._next >= total
+        rows = []
+        for ident in part:
+            a = buffers[ident]
+            fds.append(backend.export(a))
+            rows.append((ident, a.width, a.height, a.fourcc, a.modifier, a.size, a.planes))
+        allocator = buffers[part[0]].source if self._session.version > 1 else 0
+        return protocol.allocated_datagram(self.serial, total, index, allocator, rows)
 
     def _undo(self) -> None:
         self._over = True

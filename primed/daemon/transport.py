@@ -562,7 +562,10 @@ class Daemon:
         uid = link.session.uid
         self._in_flight[uid] = self._in_flight.get(uid, 0) + nfds
         self.fds_in_flight += nfds
-        self._holding.setdefault(uid, set()).add(link)
+        holding = self._holding.get(uid)
+        if holding is None:
+            holding = self._holding[uid] = set()
+        holding.add(link)
 
     def _settle(self, link: _Link, unread: int) -> None:
         """SIOCOUTQ of ``link`` reads ``unread``: the messages still queued are the

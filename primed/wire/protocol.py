@@ -108,6 +108,7 @@ __all__ = [
     "Welcome",
     "allocate_datagram",
     "allocate_request",
+    "allocated_datagram",
     "decode",
     "encode",
     "one_buffer",
@@ -406,3 +407,55 @@ def released_datagram(serial: int, count: int) -> bytes:
         return _RELEASED.pack(_OP_RELEASED, 0, _RELEASED_BODY, serial, count, 0)
     except struct.error:
         return encode(Released(count), serial)  # says why
+
+
+_ALLOCATED_HEAD = struct.Struct(
+    _HEADER.format + schema.fixed(schema.ALLOCATED_HEAD).packer.format[1:]
+)
+_BUFFER_RECORD = schema.fixed(schema.BUFFER).packer
+_PAD = (0,) * 8
+
+
+def allocated_datagram(
+    serial: int,
+    total: int,
+    index: int,
+    allocator: int,
+    rows: list[tuple[int, int, int, int, int, int, tuple[tuple[int, int], ...]]],
+) -> bytes:
+    """``encode(Allocated(total, index, tuple(BufferInfo(*row) for row in rows),
+    allocator), serial)``: a part of ``len(rows)`` buffers, each row ``(id, width,
+    height, fourcc, modifier, size, planes)``, packed into one buffer without the
+    message objects. Raises LocalProtocolError where encode() would."""
+    count, record = len(rows), _BUFFER_RECORD
+    size = _ALLOCATED_HEAD.size - HEADER_SIZE + count * record.size
+    if 1 <= count <= schema.MAX_FDS and index + count <= total:
+        out = bytearray(HEADER_SIZE + size)
+        at = _ALLOCATED_HEAD.size
+        try:
+            _ALLOCATED_HEAD.pack_into(
+                out, 0, _OP_ALLOCATED, count, size, serial, total, index, count, allocator, 0
+            )
+            for ident, width, height, fourcc, modifier, nbytes, planes in rows:
+                nplanes = len(planes)
+                if nplanes == 1:  # most formats
+                    ((o0, p0),) = planes
+                    record.pack_into(
+                        out, at, ident, width, height, fourcc, 1, modifier, nbytes,
+                        o0, p0, 0, 0, 0, 0, 0, 0,
+                    )  # fmt: skip
+                elif 2 <= nplanes <= 4:
+                    flat = (*(v for plane in planes for v in plane), *_PAD)[:8]
+                    record.pack_into(
+                        out, at, ident, width, height, fourcc, nplanes, modifier, nbytes, *flat
+                    )
+                else:
+                    break
+                at += record.size
+            else:
+                if len(out) <= MAX_MESSAGE:
+                    return bytes(out)
+        except (struct.error, TypeError, ValueError):
+            pass
+    infos = tuple(BufferInfo(*row) for row in rows)
+    return encode(Allocated(total, index, infos, allocator), serial)  # says why

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -122,6 +123,7 @@ def test_release_one_accepts_exactly_what_decode_accepts_of_one_id() -> None:
 
 
 TOP = 2**64 - 1
+PLANES = [((0, 256),), ((0, 64), (4096, 32), (6144, 32)), ((0, 64), (4096, 64)), ((1, 2),) * 4]
 PARTS = [
     (9, 1, 0, 0, BufferInfo(5, 64, 48, XR24, 0, 16384, ((0, 256),))),
     (10, 3, 2, 1, BufferInfo(6, 64, 48, YU12, 7, 8192, ((0, 64), (4096, 32), (6144, 32)))),
@@ -164,6 +166,53 @@ def test_one_buffer_datagram_refuses_what_encode_refuses(
     assert str(packed.value) == str(encoded.value)
 
 
+def rows_of(infos: tuple[BufferInfo, ...]) -> list[tuple[int, int, int, int, int, int, Any]]:
+    return [(b.id, b.width, b.height, b.fourcc, b.modifier, b.size, b.planes) for b in infos]
+
+
+MANY = tuple(
+    BufferInfo(i + 1, 64, 48, YU12 if i % 3 else XR24, i, 8192 + i, PLANES[i % 4])
+    for i in range(253)
+)
+MIXED_PARTS = [
+    (7, 1, 0, 0, (PARTS[0][4],)),
+    (8, 5, 2, 1, (PARTS[0][4], PARTS[1][4], PARTS[2][4])),
+    (9, 253, 0, 3, MANY),
+    (10, 600, 253, 0, MANY[:100]),
+]
+
+
+@pytest.mark.parametrize("part", MIXED_PARTS, ids=["one", "three", "253", "a later part"])
+def test_allocated_datagram_is_encode(part: tuple[int, int, int, int, Any]) -> None:
+    serial, total, index, allocator, infos = part
+    got = protocol.allocated_datagram(serial, total, index, allocator, rows_of(infos))
+    assert got == protocol.encode(Allocated(total, index, infos, allocator), serial)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (1, 1, 0, 0, ()),  # no buffer
+        (1, 300, 0, 0, MANY + MANY[:1]),  # 254 buffers
+        (1, 3, 2, 0, MANY[:2]),  # past the total
+        (1, 2, 0, 2**16, MANY[:2]),  # the allocator too big
+        (1, 2, 0, 0, (MANY[0], BufferInfo(2, 1, 1, 1, 0, 1, ()))),  # no plane
+        (1, 2, 0, 0, (MANY[0], BufferInfo(2, 1, 1, 1, 0, 1, ((0, 1),) * 5))),  # five
+        (1, 2, 0, 0, (MANY[0], BufferInfo(-2, 1, 1, 1, 0, 1, ((0, 1),)))),  # an id below 0
+        (1, 2, 0, 0, (MANY[0], BufferInfo(2, 1, 1, 1, 0, 1, ((0, 2**32),)))),  # a pitch too big
+    ],
+)
+def test_allocated_datagram_refuses_what_encode_refuses(
+    bad: tuple[int, int, int, int, Any],
+) -> None:
+    serial, total, index, allocator, infos = bad
+    with pytest.raises(LocalProtocolError) as encoded:
+        protocol.encode(Allocated(total, index, infos, allocator), serial)
+    with pytest.raises(LocalProtocolError) as packed:
+        protocol.allocated_datagram(serial, total, index, allocator, rows_of(infos))
+    assert str(packed.value) == str(encoded.value)
+
+
 @pytest.mark.parametrize("count", [0, 1, 4096, 2**32 - 1])
 def test_released_datagram_is_encode(count: int) -> None:
     for serial in (0, 1, 2**32 - 1):
@@ -183,8 +232,10 @@ def test_released_datagram_refuses_what_encode_refuses(count: int) -> None:
 
 
 class Twins:
-    """Two cores alike: ``fast`` is sent datagrams (receive), ``plain`` the decoded
-    messages (handle); every reply of the two must be the same bytes."""
+    """Two cores alike: ``fast`` is sent datagrams (receive) and its deliveries give
+    their datagram(); ``plain`` is sent the decoded messages (handle) and its replies
+    are encode()d from the objects (export()). Every reply of the two must be the same
+    bytes."""
 
     def __init__(self, policy: Policy | None = None) -> None:
         self.cores = [Core(MemfdBackend(), policy=policy) for _ in range(2)]
@@ -202,9 +253,9 @@ class Twins:
             fast.receive(self.sessions[0], data, 0),
             plain.handle(self.sessions[1], serial, message),
         ]
-        return [self.carry(outcome) for outcome in outcomes]
+        return [self.carry(outcomes[0]), self.carry(outcomes[1], packed=False)]
 
-    def carry(self, outcome: object) -> list[tuple[bytes, int]]:
+    def carry(self, outcome: object, packed: bool = True) -> list[tuple[bytes, int]]:
         if isinstance(outcome, bytes):
             return [(outcome, 0)]
         if isinstance(outcome, Answer):
@@ -215,8 +266,13 @@ class Twins:
             while not outcome.ready:
                 outcome.prepare()
             fds: list[int] = []
-            data = outcome.datagram(fds)
-            self.received += fds
+            try:
+                if packed:
+                    data = outcome.datagram(fds)
+                else:
+                    data = protocol.encode(outcome.export(fds), outcome.serial)
+            finally:
+                self.received += fds
             sent.append((data, len(fds)))
             outcome.sent()
         return sent
@@ -276,6 +332,19 @@ def test_the_fast_handlers_answer_as_the_general_ones(twins: Twins) -> None:
     assert fast.errors_by_code == twins.cores[1].errors_by_code
     assert fast.live_buffers == twins.cores[1].live_buffers == 5
     assert sorted(twins.sessions[0].buffers) == sorted(twins.sessions[1].buffers)
+
+
+def test_a_batch_is_packed_as_encode_gives_it() -> None:
+    twins = Twins()
+    try:
+        twins.same(Hello(), 1)
+        batch = twins.same(Allocate(16, 16, XR24, count=300), 2)  # two parts: 253 and 47
+        assert [nfds for _, nfds in batch] == [253, 47]
+        (released,) = twins.same(Release(tuple(range(1, 301))), 3)
+        assert released == (protocol.encode(Released(300), 3), 0)
+        assert twins.cores[0].live_buffers == twins.cores[1].live_buffers == 0
+    finally:
+        twins.close()
 
 
 def test_a_fast_release_frees_the_buffer(twins: Twins) -> None:

@@ -873,7 +873,8 @@ class Core:
 
     def _drop(self, session: Session, ident: int) -> None:
         """Release one of the session's buffers: its tokens die, its quota is refunded."""
-        self.tokens.forget_buffer(session, ident)
+        if session.shares:  # most clients share nothing: no token to look for
+            self.tokens.forget_buffer(session, ident)
         key = session.keys.pop(ident)
         session.listed.pop(key)
         self._buffers.pop(key)

@@ -337,7 +337,8 @@ class Daemon:
                 if link.in_flight:
                     self._settle(link, unread)
                 wanted = delivery.part_fds
-                if self._fds_refusal(link, wanted) is not None:
+                # (none in flight anywhere, the common case: _fds_refusal lets it go)
+                if self.fds_in_flight and self._fds_refusal(link, wanted) is not None:
                     why = await self._fds_drained(link, wanted)
                     if why is not None:
                         answer = delivery.refused(why)

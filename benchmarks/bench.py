@@ -29,6 +29,7 @@ from typing import Any
 import primed
 from benchmarks import codec, cpu, profile, report, workloads
 from benchmarks.workloads import Target
+from primed.daemon.policy import Quotas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,8 +377,16 @@ def live_buffers(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
     cap = LIVE_CAP.get(target.name)
     note = ""
     if target.card is None:
-        cap = workloads.raise_nofile() - FD_MARGIN
-        note = f"memfd: one fd per live buffer, RLIMIT_NOFILE {cap + FD_MARGIN}"
+        nofile = workloads.raise_nofile()
+        cap = nofile - FD_MARGIN
+        note = f"memfd: one fd per live buffer, RLIMIT_NOFILE {nofile}"
+        # The buffers are one client's, which also makes the round trips' buffer: the
+        # daemon's default quota per client, cut from the same RLIMIT_NOFILE (an eighth
+        # of its buffer bound), less that one, is the most it may hold.
+        quota = Quotas.for_nofile(nofile).buffers_per_client - 1
+        if quota < cap:
+            cap = quota
+            note += f", at most {quota} (the daemon's quota per client, less one)"
     elif cap is not None:
         note = f"{target.name}: at most {cap} (allocation is slow under emulation)"
     if cap is not None:

@@ -11,13 +11,16 @@ For each request the transport calls :meth:`Core.receive` (a datagram) or
 
 - an :class:`Answer`: one reply with no fds, and whether to drop the client
   after sending it (a malformed message, a request before HELLO, a refusal);
+- ``bytes``: one reply with no fds, already encoded, and the client stays (the
+  answers of :meth:`Core.receive`'s fast paths, which build no message object);
 - a :class:`Delivery`: replies that carry fds. The transport sends them part
   by part: for each, it waits until the client has room, calls
-  :meth:`Delivery.export` (synchronous: the lookup and the export happen
-  there, after the transport's last await), sends the reply with the fds
-  export() listed, and closes those fds whatever happened. If the export or
-  the send fails with a KernelError or ETOOMANYREFS, it sends the Answer
-  :meth:`Delivery.failed` returns instead, and stops. After each part sent it
+  :meth:`Delivery.datagram` (synchronous: the lookup and the export happen
+  there, after the transport's last await; it is :meth:`Delivery.export`'s
+  reply, encoded), sends it with the fds it listed, and closes those fds
+  whatever happened. If the export or the send fails with a KernelError or
+  ETOOMANYREFS, it sends the Answer :meth:`Delivery.failed` returns instead,
+  and stops. After each part sent it
   calls :meth:`Delivery.sent`; a part the transport will not send (the client's
   uid has too many fds in flight) ends the request with :meth:`Delivery.refused`.
 
@@ -84,7 +87,7 @@ from primed.wire.protocol import (
     Stats,
     Welcome,
 )
-from primed.wire.schema import MAX_FDS, MIN_VERSION, VERSION
+from primed.wire.schema import MAX_FDS, MIN_VERSION, VERSION, Opcode
 
 log = logging.getLogger("primed")
 
@@ -165,6 +168,11 @@ class Delivery(abc.ABC):
         exported (the caller's to close). May return an Error with no fds. Raises
         KernelError if the backend could not export."""
 
+    def datagram(self, fds: list[int]) -> bytes:
+        """:meth:`export`'s reply, encoded with this request's serial: what the transport
+        sends. A delivery may pack it without building the reply (the same bytes)."""
+        return protocol.encode(self.export(fds), self.serial)
+
     @abc.abstractmethod
     def failed(self, error: OSError) -> Answer:
         """The whole request failed (export: KernelError; send: ETOOMANYREFS): undo
@@ -177,6 +185,8 @@ class Delivery(abc.ABC):
 
 
 Outcome = Answer | Delivery
+#: What :meth:`Core.receive` returns: an Outcome, or (its fast paths) a reply already encoded.
+Received = Outcome | bytes
 
 
 def _info(ident: int, allocation: Allocation) -> BufferInfo:
@@ -231,7 +241,7 @@ class Core:
         self.errors_by_code: collections.Counter[int] = collections.Counter()
         self.started = time.monotonic()
         self._handlers: dict[type[Request], Callable[[Session, int, Any], Outcome]] = {
-            Allocate: self._allocate,
+            Allocate: self._allocate_request,
             Release: self._release,
             Share: self._share,
             OpenShared: self._open_shared,
@@ -241,6 +251,11 @@ class Core:
             Stats: self._stats,
             OpenBuffer: self._open_buffer,
             AllocateFrom: self._allocate_from,
+        }
+        #: raw opcode -> a fast path of receive(): an Outcome, or None to go the general way
+        self._fast: dict[int, Callable[[Session, bytes, int], Received | None]] = {
+            int(Opcode.ALLOCATE): self._fast_allocate,
+            int(Opcode.RELEASE): self._fast_release,
         }
 
     @property
@@ -350,9 +365,21 @@ class Core:
 
     # --- requests ------------------------------------------------------------------------
 
-    def receive(self, session: Session, data: bytes, nfds: int) -> Outcome:
+    def receive(self, session: Session, data: bytes, nfds: int) -> Received:
         """What to do about one datagram that came with ``nfds`` fds (already closed:
-        no request carries any, but the header must count them)."""
+        no request carries any, but the header must count them).
+
+        The requests a client repeats most (ALLOCATE, RELEASE of one id) go by a table
+        on the raw opcode to handlers that read the datagram straight into values
+        (no message object); anything such a handler does not take (None: malformed,
+        before HELLO, an error to answer) goes the general way, which decodes in full
+        and says what is wrong."""
+        if len(data) >= 2 and session.version:
+            fast = self._fast.get(data[0] | data[1] << 8)
+            if fast is not None:
+                outcome = fast(session, data, nfds)
+                if outcome is not None:
+                    return outcome
         try:
             serial, request = protocol.decode(data, nfds, "request")
         except protocol.UnknownOpcode as e:
@@ -375,6 +402,25 @@ class Core:
             error,
         )
         return self._error(error.serial, ErrorCode.BAD_MESSAGE, str(error), drop=True)
+
+    def _fast_allocate(self, session: Session, data: bytes, nfds: int) -> Received | None:
+        values = protocol.allocate_request(data, nfds)
+        if values is None:
+            return None
+        serial, width, height, fourcc, count, flags = values
+        self.stats["requests"] += 1
+        self.requests_by_opcode[Opcode.ALLOCATE] += 1
+        return self._allocate(session, serial, width, height, fourcc, count, flags)
+
+    def _fast_release(self, session: Session, data: bytes, nfds: int) -> Received | None:
+        values = protocol.release_one(data, nfds)
+        if values is None or values[1] not in session.buffers:
+            return None  # not one id, or an unknown one: the general way says which
+        serial, ident = values
+        self.stats["requests"] += 1
+        self.requests_by_opcode[Opcode.RELEASE] += 1
+        self._drop(session, ident)
+        return protocol.released_datagram(serial, 1)
 
     def handle(self, session: Session, serial: int, request: Request) -> Outcome:
         """What to do about ``request`` (a decoded request) with id ``serial``."""
@@ -550,11 +596,26 @@ class Core:
             else:
                 text = f"no allocator serves {' and '.join(asked)} (served: {names})"
             return self._fail(session, serial, ErrorCode.NO_ALLOCATOR, text)
-        plain = Allocate(request.width, request.height, request.fourcc, request.count)
-        return self._allocate(session, serial, plain, fit[0])
+        return self._allocate(
+            session, serial, request.width, request.height, request.fourcc, request.count, 0, fit[0]
+        )
+
+    def _allocate_request(self, session: Session, serial: int, request: Allocate) -> Outcome:
+        return self._allocate(
+            session, serial, request.width, request.height, request.fourcc, request.count,
+            request.flags,
+        )  # fmt: skip
 
     def _allocate(
-        self, session: Session, serial: int, request: Allocate, source: int = 0
+        self,
+        session: Session,
+        serial: int,
+        width: int,
+        height: int,
+        fourcc: int,
+        count: int,
+        flags: int,
+        source: int = 0,
     ) -> Outcome:
         """ALLOCATE: ``count`` buffers of one format and size, delivered with their fds.
 
@@ -580,34 +641,34 @@ class Core:
         run between them, and a failure there is the delivery's only reply. The
         buffers come from allocator ``source`` (a position in :attr:`allocators`).
         """
-        fmt = formats.FORMATS.get(request.fourcc)
+        fmt = formats.FORMATS.get(fourcc)
         if fmt is None:
-            shown = formats.fourcc_str(request.fourcc)
+            shown = formats.fourcc_str(fourcc)
             return self._fail(
                 session, serial, ErrorCode.UNSUPPORTED_FORMAT, f"unknown fourcc {shown!r}"
             )
-        if request.flags:
+        if flags:
             return self._fail(
-                session, serial, ErrorCode.INVALID_ARGUMENT, f"unknown flags {request.flags:#x}"
+                session, serial, ErrorCode.INVALID_ARGUMENT, f"unknown flags {flags:#x}"
             )
         limits = self.limits
-        if not 1 <= request.count <= limits.max_count:
-            code = ErrorCode.INVALID_ARGUMENT if request.count == 0 else ErrorCode.LIMIT_EXCEEDED
-            text = f"count {request.count} is not within 1..{limits.max_count}"
+        if not 1 <= count <= limits.max_count:
+            code = ErrorCode.INVALID_ARGUMENT if count == 0 else ErrorCode.LIMIT_EXCEEDED
+            text = f"count {count} is not within 1..{limits.max_count}"
             return self._fail(session, serial, code, text)
         try:
-            planned = formats.plan(fmt, request.width, request.height, limits).size
+            planned = formats.plan(fmt, width, height, limits).size
         except LayoutError as e:
             code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
             return self._fail(session, serial, code, str(e))
-        refused = self._over_quota(session, serial, request.count, planned * request.count)
+        refused = self._over_quota(session, serial, count, planned * count)
         if refused is not None:
             return refused
         allocate = self.backend.allocate
         if source:  # any allocator but the default (which a test may have replaced)
             allocate = functools.partial(self.allocators.allocate_from, source)
-        batch = _Allocation(self, session, serial, request, allocate, fmt, limits)
-        if request.count > MADE_AT_ONCE:
+        batch = _Allocation(self, session, serial, width, height, count, allocate, fmt, limits)
+        if count > MADE_AT_ONCE:
             return batch  # made step by step, the loop free between steps (Delivery.prepare)
         made = False
         try:
@@ -812,7 +873,8 @@ class Core:
 
     def _drop(self, session: Session, ident: int) -> None:
         """Release one of the session's buffers: its tokens die, its quota is refunded."""
-        self.tokens.forget_buffer(session, ident)
+        if session.shares:  # most clients share nothing: no token to look for
+            self.tokens.forget_buffer(session, ident)
         key = session.keys.pop(ident)
         session.listed.pop(key)
         self._buffers.pop(key)
@@ -857,24 +919,34 @@ class _Allocation(_Undoable):
         core: Core,
         session: Session,
         serial: int,
-        request: Allocate,
+        width: int,
+        height: int,
+        count: int,
         allocate: Callable[[formats.Format, int, int, Limits], Allocation],
         fmt: formats.Format,
         limits: Limits,
     ):
-        super().__init__(core, session, serial)
-        self._request, self._make = request, allocate
-        self._fmt, self._limits = fmt, limits
+        # Set here rather than by the bases' __init__s: one call less per ALLOCATE.
+        self.serial, self._core, self._session = serial, core, session
+        self._width, self._height, self._count = width, height, count
+        self._make, self._fmt, self._limits = allocate, fmt, limits
         self._made: list[Allocation] = []  # not the session's yet
-        self._infos: list[BufferInfo] = []
+        self._ids: list[int] = []  # the session's buffers this delivers, in order
         self._next = 0
         self._over = False  # every part sent, or the request failed or was undone
         #: The reply if making the buffers failed (then nothing is delivered)
         self.answer: Answer | None = None
 
     @property
+    def _infos(self) -> list[BufferInfo]:
+        """What each buffer delivered is, as ALLOCATED tells it (made when asked: the
+        replies are packed from the ids)."""
+        buffers = self._session.buffers
+        return [_info(ident, buffers[ident]) for ident in self._ids if ident in buffers]
+
+    @property
     def ready(self) -> bool:
-        return self.answer is not None or bool(self._infos)
+        return self.answer is not None or bool(self._ids)
 
     @property
     def pending(self) -> bool:
@@ -882,12 +954,12 @@ class _Allocation(_Undoable):
 
     @property
     def part_fds(self) -> int:
-        return min(MAX_FDS, len(self._infos) - self._next)
+        return min(MAX_FDS, len(self._ids) - self._next)
 
     def prepare(self) -> None:
-        core, session, request = self._core, self._session, self._request
+        core, session = self._core, self._session
         try:
-            self._made.append(self._make(self._fmt, request.width, request.height, self._limits))
+            self._made.append(self._make(self._fmt, self._width, self._height, self._limits))
         except KernelError as e:
             self._end(core._kernel(session, self.serial, e))
             return
@@ -895,7 +967,7 @@ class _Allocation(_Undoable):
             code = ErrorCode.LIMIT_EXCEEDED if e.limit else ErrorCode.INVALID_ARGUMENT
             self._end(core._fail(session, self.serial, code, str(e)))
             return
-        if len(self._made) < request.count:
+        if len(self._made) < self._count:
             return
         # The quota holds the sizes made (page-rounded, the kernel's pitch), not the plan;
         # checked and charged in one step, so another request of the uid can't slip between.
@@ -908,7 +980,7 @@ class _Allocation(_Undoable):
         try:
             for allocation in made:
                 core.ledger.charge(session.account, 1, allocation.size)
-                self._infos.append(_info(core._adopt(session, allocation), allocation))
+                self._ids.append(core._adopt(session, allocation))
                 adopted += 1
         finally:
             self._made = made[adopted:]  # not the session's: freed next
@@ -929,22 +1001,52 @@ class _Allocation(_Undoable):
             self._over = True
             return self.answer.reply
         index = self._next
-        part = self._infos[index : index + MAX_FDS]
+        part = self._ids[index : index + MAX_FDS]
         self._next = index + len(part)
-        self._over = self._next >= len(self._infos)
+        self._over = self._next >= len(self._ids)
         backend, buffers = self._core.backend, self._session.buffers
-        for info in part:
-            fds.append(backend.export(buffers[info.id]))
+        for ident in part:
+            fds.append(backend.export(buffers[ident]))
         # Version 2 says which allocator made them (one request, one allocator).
-        allocator = buffers[part[0].id].source if self._session.version > 1 else 0
-        return Allocated(len(self._infos), index, tuple(part), allocator)
+        allocator = buffers[part[0]].source if self._session.version > 1 else 0
+        infos = tuple(_info(ident, buffers[ident]) for ident in part)
+        return Allocated(len(self._ids), index, infos, allocator)
+
+    def datagram(self, fds: list[int]) -> bytes:
+        # export()'s reply packed straight from the Allocations: no BufferInfo, no Allocated.
+        if self.answer is not None:
+            return super().datagram(fds)
+        ids, index = self._ids, self._next
+        backend, buffers = self._core.backend, self._session.buffers
+        total = len(ids)
+        if total - index == 1:  # a part of one buffer: most ALLOCATEs are one buffer
+            ident = ids[index]
+            a = buffers[ident]
+            self._next = index + 1
+            self._over = True
+            fds.append(backend.export(a))
+            allocator = a.source if self._session.version > 1 else 0
+            return protocol.one_buffer_datagram(
+                self.serial, total, index, allocator,
+                ident, a.width, a.height, a.fourcc, a.modifier, a.size, a.planes,
+            )  # fmt: skip
+        part = ids[index : index + MAX_FDS]
+        self._next = index + len(part)
+        self._over = self._next >= total
+        rows = []
+        for ident in part:
+            a = buffers[ident]
+            fds.append(backend.export(a))
+            rows.append((ident, a.width, a.height, a.fourcc, a.modifier, a.size, a.planes))
+        allocator = buffers[part[0]].source if self._session.version > 1 else 0
+        return protocol.allocated_datagram(self.serial, total, index, allocator, rows)
 
     def _undo(self) -> None:
         self._over = True
         self.abandon()
-        for info in self._infos:
-            if info.id in self._session.buffers:  # the client may have gone meanwhile
-                self._core._drop(self._session, info.id)
+        for ident in self._ids:
+            if ident in self._session.buffers:  # the client may have gone meanwhile
+                self._core._drop(self._session, ident)
 
 
 class _HandOver(_Undoable):

@@ -241,6 +241,31 @@ class Ledger:
         buffers of ``nbytes`` bytes in all under ``policy``: the daemon-wide bounds
         first (they hold for admins too), then the quotas."""
         bounds, total, mine = policy.bounds, self.total, account.uid
+        # The common case first: a request within every bound and quota (within a bound
+        # is within over_bound's rule too) passes here, without the texts being made.
+        quotas, own = policy.quotas, account.own
+        if (
+            (not bounds.buffers or total.buffers + buffers <= bounds.buffers)
+            and (not bounds.bytes or total.bytes + nbytes <= bounds.bytes)
+            and (
+                (
+                    (
+                        not quotas.buffers_per_client
+                        or own.buffers + buffers <= quotas.buffers_per_client
+                    )
+                    and (
+                        not quotas.bytes_per_client or own.bytes + nbytes <= quotas.bytes_per_client
+                    )
+                    and (
+                        not quotas.buffers_per_uid
+                        or mine.buffers + buffers <= quotas.buffers_per_uid
+                    )
+                    and (not quotas.bytes_per_uid or mine.bytes + nbytes <= quotas.bytes_per_uid)
+                )
+                or policy.is_admin(account.peer)
+            )
+        ):
+            return
         for limit, held, asked, theirs, what in (
             (bounds.buffers, total.buffers, buffers, mine.buffers, "buffers daemon-wide"),
             (bounds.bytes, total.bytes, nbytes, mine.bytes, "bytes daemon-wide"),
@@ -279,9 +304,13 @@ class Ledger:
 
     def charge(self, account: Account, buffers: int, nbytes: int) -> None:
         """Record that ``account`` now holds ``buffers`` more buffers of ``nbytes`` bytes."""
-        for usage in (account.own, account.uid, self.total):
-            usage.buffers += buffers
-            usage.bytes += nbytes
+        own, uid, total = account.own, account.uid, self.total  # unrolled: once per buffer
+        own.buffers += buffers
+        own.bytes += nbytes
+        uid.buffers += buffers
+        uid.bytes += nbytes
+        total.buffers += buffers
+        total.bytes += nbytes
 
     def refund(self, account: Account, buffers: int, nbytes: int) -> None:
         """Record that ``account`` let go of ``buffers`` buffers of ``nbytes`` bytes."""

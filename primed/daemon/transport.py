@@ -51,11 +51,12 @@ import struct
 import termios
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from primed import fdpass
-from primed.daemon.core import Core, Delivery, Outcome
+from primed.daemon.core import Answer, Core, Delivery, Received
 from primed.daemon.fairness import LoopShares
 from primed.daemon.lean import SLICE, LeanSocket
 from primed.daemon.policy import Peer, Policy, over_bound
@@ -123,10 +124,14 @@ def size_send_buffer(sock: socket.socket | trio.socket.SocketType) -> int:
 class _Link:
     """One served connection: its socket, its session, and the fds it has in flight."""
 
-    __slots__ = ("in_flight", "queued", "queued_bytes", "room", "scope", "session", "sock", "told")
+    __slots__ = (
+        "in_flight", "lean", "queued", "queued_bytes", "room", "scope", "session", "sock", "told",
+    )  # fmt: skip
 
     def __init__(self, sock: trio.socket.SocketType, session: Session, room: int):
         self.sock, self.session, self.room = sock, session, room
+        #: the socket if it is a LeanSocket: then sends that find room skip the scheduler
+        self.lean = sock if isinstance(sock, LeanSocket) else None
         self.scope = trio.CancelScope()
         #: (fds, bytes) of each message sent with fds and maybe unread, oldest first
         self.queued: collections.deque[tuple[int, int]] = collections.deque()
@@ -166,6 +171,9 @@ class Daemon:
         self._holding: dict[int, set[_Link]] = {}  # uid -> its links with fds in flight
         self._swept: dict[int | None, float] = {}  # uid (None: all) -> when last swept
         self._drained = trio.lowlevel.ParkingLot()  # parts waiting for fds in flight to drain
+        #: (datagram bytes, fds) -> what such a message adds to SIOCOUTQ (its skb's truesize:
+        #: the kernel's rule, the same for every socket), learnt from an exact reading
+        self._sizes: dict[tuple[int, int], int] = {}
         self._log = LogLimiter()
         #: each uid's share of the loop (primed.daemon.fairness)
         self.shares = LoopShares()
@@ -266,7 +274,7 @@ class Daemon:
         core, sock, session, shares = self.core, link.sock, link.session, self.shares
         hello_by = trio.current_time() + self.hello_timeout
         while True:
-            outcome: Outcome
+            outcome: Received
             try:
                 if session.version:
                     data, fds = await fdpass.recv_async(sock)
@@ -285,7 +293,10 @@ class Daemon:
                 began = time.perf_counter()
                 outcome = core.receive(session, data, len(fds))
                 shares.charge(session.uid, time.perf_counter() - began)
-            if isinstance(outcome, Delivery):
+            if isinstance(outcome, bytes):  # a fast path's reply, encoded: no fds, no drop
+                if link.lean is None or not link.lean.try_send(outcome):
+                    await self._transmit(sock, session.uid, outcome, [])
+            elif not isinstance(outcome, Answer):
                 await self._deliver(link, outcome)
             elif outcome.drop:
                 try:
@@ -320,10 +331,14 @@ class Daemon:
                 if not delivery.ready:
                     await self._prepare(uid, delivery)
                     continue
-                unread = await self._room(link)
-                self._settle(link, unread)
+                unread = _unread(sock)
+                if unread > link.room:
+                    unread = await self._room(link)
+                if link.in_flight:
+                    self._settle(link, unread)
                 wanted = delivery.part_fds
-                if self._fds_refusal(link, wanted) is not None:
+                # (none in flight anywhere, the common case: _fds_refusal lets it go)
+                if self.fds_in_flight and self._fds_refusal(link, wanted) is not None:
                     why = await self._fds_drained(link, wanted)
                     if why is not None:
                         answer = delivery.refused(why)
@@ -342,9 +357,12 @@ class Daemon:
                 try:
                     try:
                         began = time.perf_counter()
-                        reply = delivery.export(fds)
+                        data = delivery.datagram(fds)
                         self.shares.charge(uid, time.perf_counter() - began)
-                        await self._send(sock, uid, reply, delivery.serial, fds)
+                        ancdata = fdpass.rights(fds)
+                        lean = link.lean
+                        if lean is None or lean.try_sendmsg([data], ancdata) is None:
+                            await self._transmit(sock, uid, data, ancdata)
                         delivery.sent()
                     finally:
                         fdpass.close_fds(fds)
@@ -370,7 +388,7 @@ class Daemon:
                     await self._send(sock, uid, failure.reply, failure.serial)
                     return
                 if fds:
-                    self._charge(link, len(fds), _unread(sock) - unread)
+                    self._charge(link, len(fds), self._added(sock, unread, len(data), len(fds)))
             finished = True
         finally:
             if not finished:  # the connection ends (dropped, cancelled): undo the rest
@@ -393,6 +411,23 @@ class Daemon:
         else:
             await trio.lowlevel.checkpoint()
 
+    def _added(self, sock: trio.socket.SocketType, before: int, size: int, nfds: int) -> int:
+        """What a message of ``size`` bytes and ``nfds`` fds just sent on ``sock`` added to
+        its SIOCOUTQ, which read ``before`` just before the send (no await between).
+
+        Read from SIOCOUTQ once per kind of message: with nothing queued before, what it
+        reads after is that message's size exactly (the client read it, or nothing;
+        no other send can come between), and every message of that kind adds as much.
+        Until then the difference stands, which a client reading meanwhile only makes
+        smaller (an overcount)."""
+        known = self._sizes.get((size, nfds))
+        if known is not None:
+            return known
+        after = _unread(sock)
+        if not before and after > 0:
+            self._sizes[size, nfds] = after
+        return after - before
+
     async def _send(
         self,
         sock: trio.socket.SocketType,
@@ -407,6 +442,16 @@ class Daemon:
         # more than the send itself, and most replies find room at once.
         if isinstance(sock, LeanSocket) and sock.try_sendmsg([data], ancdata) is not None:
             return
+        await self._transmit(sock, uid, data, ancdata)
+
+    async def _transmit(
+        self,
+        sock: trio.socket.SocketType,
+        uid: int,
+        data: bytes,
+        ancdata: list[tuple[int, int, Any]],
+    ) -> None:
+        """Send ``data``, waiting for room within the send timeout, else drop the client."""
         try:
             with trio.fail_after(self.send_timeout):
                 await sock.sendmsg([data], ancdata)
@@ -518,7 +563,10 @@ class Daemon:
         uid = link.session.uid
         self._in_flight[uid] = self._in_flight.get(uid, 0) + nfds
         self.fds_in_flight += nfds
-        self._holding.setdefault(uid, set()).add(link)
+        holding = self._holding.get(uid)
+        if holding is None:
+            holding = self._holding[uid] = set()
+        holding.add(link)
 
     def _settle(self, link: _Link, unread: int) -> None:
         """SIOCOUTQ of ``link`` reads ``unread``: the messages still queued are the

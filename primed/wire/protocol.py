@@ -107,11 +107,16 @@ __all__ = [
     "UnknownOpcode",
     "Welcome",
     "allocate_datagram",
+    "allocate_request",
+    "allocated_datagram",
     "decode",
     "encode",
     "one_buffer",
+    "one_buffer_datagram",
     "release_datagram",
+    "release_one",
     "released_count",
+    "released_datagram",
 ]
 
 _HEADER = schema.fixed(schema.HEADER).packer
@@ -330,3 +335,127 @@ def released_count(data: bytes, nfds: int) -> tuple[int, int] | None:
     if opcode != _OP_RELEASED or header_fds or size != _RELEASED_BODY or reserved:
         return None
     return serial, count
+
+
+# The daemon's fast paths: the two requests a client repeats most, read straight into
+# the values the handler needs, and the replies to them packed straight from values.
+# Same rule as the client's: each accepts only what decode() accepts (None: let
+# decode() say what is wrong) and gives the very bytes encode() would.
+
+
+def allocate_request(data: bytes, nfds: int) -> tuple[int, int, int, int, int, int] | None:
+    """An ALLOCATE: ``(serial, width, height, fourcc, count, flags)`` when decode()
+    would accept ``data`` as a request; else None."""
+    if nfds or len(data) != _ALLOCATE.size:
+        return None
+    opcode, header_fds, size, serial, width, height, fourcc, count, flags = _ALLOCATE.unpack(data)
+    if opcode != _OP_ALLOCATE or header_fds or size != _ALLOCATE_BODY:
+        return None
+    return serial, width, height, fourcc, count, flags
+
+
+def release_one(data: bytes, nfds: int) -> tuple[int, int] | None:
+    """A RELEASE of one id: ``(serial, id)`` when decode() would accept ``data`` as a
+    request; else None (RELEASEs of other counts included)."""
+    if nfds or len(data) != _RELEASE_ONE.size:
+        return None
+    opcode, header_fds, size, serial, count, reserved, ident = _RELEASE_ONE.unpack(data)
+    if opcode != _OP_RELEASE or header_fds or size != _RELEASE_ONE_BODY or count != 1 or reserved:
+        return None
+    return serial, ident
+
+
+_NO_PLANE = (0, 0)
+
+
+def one_buffer_datagram(
+    serial: int,
+    total: int,
+    index: int,
+    allocator: int,
+    ident: int,
+    width: int,
+    height: int,
+    fourcc: int,
+    modifier: int,
+    size: int,
+    planes: tuple[tuple[int, int], ...],
+) -> bytes:
+    """``encode(Allocated(total, index, (BufferInfo(ident, width, height, fourcc,
+    modifier, size, planes),), allocator), serial)``: a part of one buffer (with its one
+    fd), without the message objects. Raises LocalProtocolError where encode() would."""
+    nplanes = len(planes)
+    if not 1 <= nplanes <= 4 or index + 1 > total:
+        info = BufferInfo(ident, width, height, fourcc, modifier, size, planes)
+        return encode(Allocated(total, index, (info,), allocator), serial)  # says why
+    (o0, p0), (o1, p1), (o2, p2), (o3, p3) = (*planes, *(_NO_PLANE,) * (4 - nplanes))
+    try:
+        return _ONE_BUFFER.pack(
+            _OP_ALLOCATED, 1, _ONE_BUFFER_BODY, serial, total, index, 1, allocator, 0,
+            ident, width, height, fourcc, nplanes, modifier, size,
+            o0, p0, o1, p1, o2, p2, o3, p3,
+        )  # fmt: skip
+    except struct.error:
+        info = BufferInfo(ident, width, height, fourcc, modifier, size, planes)
+        return encode(Allocated(total, index, (info,), allocator), serial)  # says why
+
+
+def released_datagram(serial: int, count: int) -> bytes:
+    """``encode(Released(count), serial)``, without the message object. Raises
+    LocalProtocolError where encode() would."""
+    try:
+        return _RELEASED.pack(_OP_RELEASED, 0, _RELEASED_BODY, serial, count, 0)
+    except struct.error:
+        return encode(Released(count), serial)  # says why
+
+
+_ALLOCATED_HEAD = struct.Struct(
+    _HEADER.format + schema.fixed(schema.ALLOCATED_HEAD).packer.format[1:]
+)
+_BUFFER_RECORD = schema.fixed(schema.BUFFER).packer
+_PAD = (0,) * 8
+
+
+def allocated_datagram(
+    serial: int,
+    total: int,
+    index: int,
+    allocator: int,
+    rows: list[tuple[int, int, int, int, int, int, tuple[tuple[int, int], ...]]],
+) -> bytes:
+    """``encode(Allocated(total, index, tuple(BufferInfo(*row) for row in rows),
+    allocator), serial)``: a part of ``len(rows)`` buffers, each row ``(id, width,
+    height, fourcc, modifier, size, planes)``, packed into one buffer without the
+    message objects. Raises LocalProtocolError where encode() would."""
+    count, record = len(rows), _BUFFER_RECORD
+    size = _ALLOCATED_HEAD.size - HEADER_SIZE + count * record.size
+    if 1 <= count <= schema.MAX_FDS and index + count <= total:
+        out = bytearray(HEADER_SIZE + size)
+        at = _ALLOCATED_HEAD.size
+        try:
+            _ALLOCATED_HEAD.pack_into(
+                out, 0, _OP_ALLOCATED, count, size, serial, total, index, count, allocator, 0
+            )
+            for ident, width, height, fourcc, modifier, nbytes, planes in rows:
+                nplanes = len(planes)
+                if nplanes == 1:  # most formats
+                    ((o0, p0),) = planes
+                    record.pack_into(
+                        out, at, ident, width, height, fourcc, 1, modifier, nbytes,
+                        o0, p0, 0, 0, 0, 0, 0, 0,
+                    )  # fmt: skip
+                elif 2 <= nplanes <= 4:
+                    flat = (*(v for plane in planes for v in plane), *_PAD)[:8]
+                    record.pack_into(
+                        out, at, ident, width, height, fourcc, nplanes, modifier, nbytes, *flat
+                    )
+                else:
+                    break
+                at += record.size
+            else:
+                if len(out) <= MAX_MESSAGE:
+                    return bytes(out)
+        except (struct.error, TypeError, ValueError):
+            pass
+    infos = tuple(BufferInfo(*row) for row in rows)
+    return encode(Allocated(total, index, infos, allocator), serial)  # says why

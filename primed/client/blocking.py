@@ -154,11 +154,28 @@ class Client:
         return core.take(call)
 
     def _call(self, call: Call[T]) -> T:
+        core, sock = self._core, self._sock
         try:
-            self._sock.send(call.data)  # as _send, inline: this is every request's path
+            sock.send(call.data)  # as _send, inline: this is every request's path
         except (BrokenPipeError, ConnectionResetError):
             pass
-        return self._wait(call, self._timeout)
+        if self._timeout is not None:
+            return self._wait(call, self._timeout)
+        # _wait's loop with no deadline (the socket has no timeout then), inline: the
+        # common request's whole wait is one receive.
+        while not call.done:
+            try:
+                data, fds = _recv(sock)
+            except fdpass.Truncated as e:
+                core.truncated(e)
+            except OSError as e:
+                core.fail(ConnectionLost(f"the daemon closed the connection: {e}"))
+            else:
+                core.receive(data, fds)
+            if core._outbox:
+                for datagram in core.data_to_send():
+                    self._send(datagram)
+        return core.take(call)
 
     def start_allocate(
         self,

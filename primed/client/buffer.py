@@ -26,6 +26,11 @@ from primed.kernel import drm
 from primed.wire.schema import Backend
 
 _new = object.__new__
+_mmap = mmap.mmap
+_SHARED = mmap.MAP_SHARED
+_READ = mmap.PROT_READ
+_READ_WRITE = mmap.PROT_READ | mmap.PROT_WRITE
+_DRM = Backend.DRM
 
 
 class Buffer:
@@ -159,9 +164,23 @@ class Buffer:
         """Map the pixels for CPU access; use as a context manager yielding a memoryview.
 
         For a dma-buf the access is bracketed with DMA_BUF_IOCTL_SYNC so that
-        caches are coherent with the device. Raises KernelError.
+        caches are coherent with the device. Raises KernelError; ValueError if the
+        buffer is closed.
         """
-        return Mapping(self.fd, self.size, write=write, sync=self.backend == Backend.DRM)
+        fd = self._fd
+        if fd < 0:
+            raise ValueError("buffer is closed")
+        # Mapping(fd, self.size, write=write, sync=...) with no keyword parsing and no
+        # __init__ frame: a map per round trip is the common use.
+        mapping = _new(Mapping)
+        mapping._source = fd
+        mapping._size = self.size
+        mapping._write = write
+        mapping._sync = self.backend == _DRM
+        mapping._fd = -1
+        mapping._map = None
+        mapping._view = None
+        return mapping
 
     def describe(self) -> dict[str, object]:
         """The buffer as plain data (what ``primed alloc --json`` prints)."""
@@ -187,20 +206,26 @@ class Mapping:
     closing sync): the buffer may be closed while the block runs.
     """
 
+    __slots__ = ("_fd", "_map", "_size", "_source", "_sync", "_view", "_write")
+
     def __init__(self, fd: int, size: int, *, write: bool, sync: bool):
         self._source = fd
         self._size = size
         self._write = write
         self._sync = sync
-        self._flags = drm.DMA_BUF_SYNC_RW if write else drm.DMA_BUF_SYNC_READ
         self._fd = -1
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
 
+    @property
+    def _flags(self) -> int:
+        return drm.DMA_BUF_SYNC_RW if self._write else drm.DMA_BUF_SYNC_READ
+
     def __enter__(self) -> memoryview:
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._write else 0)
         try:
-            self._map = mmap.mmap(self._source, self._size, mmap.MAP_SHARED, prot)
+            self._map = mapped = _mmap(
+                self._source, self._size, _SHARED, _READ_WRITE if self._write else _READ
+            )
             if self._sync:
                 self._fd = os.dup(self._source)
                 drm.sync_dmabuf(self._fd, drm.DMA_BUF_SYNC_START | self._flags)
@@ -209,8 +234,8 @@ class Mapping:
             if isinstance(e, OSError) and not isinstance(e, KernelError):
                 raise KernelError(e.errno or 0, "mmap") from None
             raise
-        self._view = memoryview(self._map)
-        return self._view
+        self._view = view = memoryview(mapped)
+        return view
 
     def __exit__(
         self,
@@ -218,9 +243,14 @@ class Mapping:
         value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._view is not None:
-            self._view.release()
+        view, mapped = self._view, self._map
+        if view is not None:
+            view.release()
             self._view = None
+        if self._fd < 0 and mapped is not None:  # memfd: no sync, only the unmap
+            self._map = None
+            mapped.close()
+            return
         try:
             if self._fd >= 0:
                 drm.sync_dmabuf(self._fd, drm.DMA_BUF_SYNC_END | self._flags)

@@ -77,6 +77,12 @@ E = TypeVar("E", ClientEntry, BufferEntry)
 
 _HEADER = schema.fixed(schema.HEADER)
 _LAST_SERIAL = 0xFFFFFFFF
+_one_buffer = protocol.one_buffer
+_released_count = protocol.released_count
+#: Buffers' plane tuples by the (offset, pitch) pairs received: a few layouts recur
+#: (one per size and format in use), and Planes are immutable, so Buffers share them.
+_LAYOUTS: dict[tuple[tuple[int, int], ...], tuple[Plane, ...]] = {}
+_MAX_LAYOUTS = 256
 #: fourccs by the text a caller gave (formats.lookup, once per spelling).
 _FOURCCS: dict[str, int] = {}
 
@@ -285,17 +291,6 @@ class Call(Generic[T]):
         return them (for their ids)."""
         return []
 
-    def _disown(self) -> None:
-        """The caller took the result: the buffers in it are the caller's now."""
-
-    def _result(self) -> T:
-        if not self.done:
-            raise LocalProtocolError(f"request {self.serial} has no answer yet")
-        if self._error is not None:
-            raise self._error
-        self._disown()
-        return self._value
-
 
 class _Simple(Call[T], Generic[R, T]):
     """A call answered by one reply of type ``expects``, converted by ``convert``."""
@@ -321,7 +316,13 @@ class _Buffers(Call[T]):
     __slots__ = ("_convert", "_count", "_parts", "_received")
 
     def __init__(self, serial: int, data: bytes, count: int, convert: Callable[[list[Buffer]], T]):
-        super().__init__(serial, data)
+        # Call.__init__'s fields set here rather than through super(): one frame fewer
+        # on every ALLOCATE.
+        self.serial = serial
+        self.data = data
+        self.done = False
+        self.abandoned = False
+        self._error = None
         self._count = count
         self._convert = convert
         self._parts: list[Buffer] = []
@@ -367,14 +368,19 @@ class _Buffers(Call[T]):
             buffer.close()
         return held
 
-    def _disown(self) -> None:
-        self._parts = []
-
 
 class _Count(Call[int]):
     """A RELEASE: answered by one RELEASED, whose count is the result."""
 
     __slots__ = ()
+
+    def __init__(self, serial: int, data: bytes):
+        # As Call.__init__ (the same fields), with no call to it: every RELEASE makes one.
+        self.serial = serial
+        self.data = data
+        self.done = False
+        self.abandoned = False
+        self._error = None
 
     def _accept(self, reply: Reply, fds: list[int], source: Source) -> bool:
         if not isinstance(reply, Released) or self.done:
@@ -448,6 +454,14 @@ class ClientConnection:
         self._outbox: list[bytes] = []
 
     # --- requests ---------------------------------------------------------------------------
+
+    def _next_serial(self) -> int:
+        """As :meth:`_serial_for`; the common case (the next serial is free) with no loop."""
+        serial = self._serial % _LAST_SERIAL + 1
+        if self.broken is None and serial not in self._pending and serial not in self._answered:
+            self._serial = serial
+            return serial
+        return self._serial_for()
 
     def _serial_for(self) -> int:
         if self.broken is not None:
@@ -573,7 +587,18 @@ class ClientConnection:
         goes to the daemon as it is), LocalProtocolError for a field that does not fit
         or a choice of allocator on a version-1 connection.
         """
-        return self._allocate(width, height, fmt, 1, flags, _first, (allocator, usage, device))
+        if allocator or usage or device:
+            return self._allocate(width, height, fmt, 1, flags, _first, (allocator, usage, device))
+        # The common request, framed with no detour: _allocate's default branch.
+        code = _FOURCCS.get(fmt) if type(fmt) is str else None
+        if code is None:
+            return self._allocate(width, height, fmt, 1, flags, _first)
+        serial = self._next_serial()
+        call = _Buffers(
+            serial, protocol.allocate_datagram(serial, width, height, code, 1, flags), 1, _first
+        )
+        self._pending[serial] = call
+        return call
 
     def allocate_many(
         self,
@@ -593,8 +618,9 @@ class ClientConnection:
 
     def release(self, ids: Iterable[int]) -> Call[int]:
         """A RELEASE of the buffers with these ids; the result is how many were released."""
-        serial = self._serial_for()
-        wanted = ids if isinstance(ids, list | tuple) else tuple(ids)
+        serial = self._next_serial()
+        # A tuple of types, not list | tuple: isinstance checks a union more slowly.
+        wanted = ids if isinstance(ids, (list, tuple)) else tuple(ids)
         call = _Count(serial, protocol.release_datagram(serial, wanted))
         self._pending[serial] = call
         return call
@@ -661,9 +687,14 @@ class ClientConnection:
         RemoteProtocolError (the connection broke on a bad datagram; Truncated if
         its fds were cut off), ConnectionLost; LocalProtocolError if it is not done.
         """
-        if call.done:
-            self._answered.pop(call.serial, None)
-        return call._result()
+        if not call.done:
+            raise LocalProtocolError(f"request {call.serial} has no answer yet")
+        self._answered.pop(call.serial, None)
+        if call._error is not None:
+            raise call._error
+        if isinstance(call, _Buffers):
+            call._parts = []  # the buffers in the result are the caller's now
+        return call._value
 
     def abandon(self, call: Call[Any]) -> None:
         """Nobody will take ``call``'s result: give back whatever buffers it gets.
@@ -714,10 +745,29 @@ class ClientConnection:
         incomplete, one for an answer, every call in flight when the connection
         breaks (each then fails with the error, and ``broken`` says why).
         """
-        if self.broken is None and len(fds) < 2:
-            quick = self._quick(data, fds)
-            if quick is not None:
-                return quick
+        # The common answers first, decoded straight into their results: the one
+        # buffer of an ALLOCATE of one, or a RELEASE's count. Anything not exactly as
+        # expected goes on to the general path (nothing done, the fds untouched),
+        # which decides and says what is wrong.
+        if self.broken is None:
+            if not fds:
+                released = _released_count(data, 0)
+                if released is not None:
+                    serial, count = released
+                    call = self._pending.get(serial)
+                    if type(call) is _Count and not call.done:
+                        call._value = count
+                        call.done = True
+                        del self._pending[serial]
+                        if call.abandoned:
+                            return []
+                        return [call]
+            elif len(fds) == 1:
+                got = _one_buffer(data, 1)
+                if got is not None:
+                    quick = self._one(got, fds[0])
+                    if quick is not None:
+                        return quick
         if self.broken is not None:
             close_fds(fds)
             return []
@@ -761,45 +811,43 @@ class ClientConnection:
                 return self.fail(e)
         return self._completed(call, was_done)
 
-    def _quick(self, data: bytes, fds: list[int]) -> list[Call[Any]] | None:
-        """The common answers, decoded straight into their results: the one buffer of
-        an ALLOCATE of one, or a RELEASE's count. None (nothing done, the fds still the
-        caller's) for anything else, or anything not exactly as expected: the general
-        path then decides, and says what is wrong."""
-        call: Call[Any] | None
-        if fds:
-            got = protocol.one_buffer(data, 1)
-            if got is None:
-                return None
-            serial, ident, width, height, fourcc, modifier, size, planes, allocator = got
-            call = self._pending.get(serial)
-            if type(call) is not _Buffers or call._count != 1 or call._received or call.done:
-                return None
-            if allocator >= len(self._sources):
-                return None  # the general path says what is wrong
-            try:
-                layout = (
-                    (Plane(*planes[0]),) if len(planes) == 1 else tuple([Plane(*p) for p in planes])
-                )
-                backend, name = self._sources[allocator]
-                buffer = _make_buffer(
-                    fds[0], ident, width, height, fourcc, modifier, size, layout, backend, name
-                )
-            except BaseException:
-                close_fds(fds)
-                raise
-            call._received = 1
-            call._parts.append(buffer)
-            call._finish(call._convert(call._parts))
-        else:
-            released = protocol.released_count(data, 0)
-            if released is None:
-                return None
-            call = self._pending.get(released[0])
-            if type(call) is not _Count or call.done:
-                return None
-            call._finish(released[1])
-        return self._completed(call, False)
+    def _one(
+        self,
+        got: tuple[int, int, int, int, int, int, int, tuple[tuple[int, int], ...], int],
+        fd: int,
+    ) -> list[Call[Any]] | None:
+        """The whole answer to an ALLOCATE of one, with its one fd; None (nothing done,
+        the fd still the caller's) unless it answers such a call in flight."""
+        serial, ident, width, height, fourcc, modifier, size, planes, allocator = got
+        call = self._pending.get(serial)
+        if type(call) is not _Buffers or call._count != 1 or call._received or call.done:
+            return None
+        if allocator >= len(self._sources):
+            return None  # the general path says what is wrong
+        try:
+            layout = _LAYOUTS.get(planes)
+            if layout is None:
+                layout = tuple([Plane(o, p) for o, p in planes])
+                if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                    _LAYOUTS.clear()
+                _LAYOUTS[planes] = layout
+            backend, name = self._sources[allocator]
+            buffer = _make_buffer(
+                fd, ident, width, height, fourcc, modifier, size, layout, backend, name
+            )
+        except BaseException:
+            close_fds((fd,))
+            raise
+        call._received = 1
+        call._parts.append(buffer)
+        call._value = buffer if call._convert is _first else call._convert(call._parts)
+        call.done = True
+        del self._pending[serial]
+        if call.abandoned:
+            self._give_back(call._give_up())
+            return []
+        self._answered[serial] = call
+        return [call]
 
     def truncated(self, error: Truncated) -> list[Call[Any]]:
         """A datagram arrived cut short (its fds were closed already; see

@@ -54,6 +54,16 @@ E = TypeVar("E", ClientEntry, BufferEntry)
 
 #: Datagrams the reader takes in a row, without waiting, before it yields to other tasks.
 FAIRNESS = 16
+#: Fresh requests that wait for readiness first once receives right after sending
+#: found nothing MISSES times in a row (see :meth:`AsyncClient._read_for`). A wait
+#: costs a pass through trio's scheduler, a receive that finds nothing a system
+#: call and an exception, several times less: so only a run of misses switches.
+WAIT_FIRST = 7
+MISSES = 4
+
+_recv = fdpass.recv
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_wait_readable = trio.lowlevel.wait_readable
 
 
 class AsyncPending(Generic[T]):
@@ -95,6 +105,8 @@ class AsyncClient:
         #: call is done, or to take over the reading.
         self._parked: dict[int, trio.Event] = {}
         self._reading = False  # a waiter is reading the socket
+        self._wait_first = 0  # fresh requests to come that wait before they receive
+        self._misses = 0  # fresh requests in a row whose answer was not there at once
         self._nursery: trio.Nursery | None = None  # where give-backs are sent from
         self.info: ServerInfo
 
@@ -115,7 +127,7 @@ class AsyncClient:
     async def _send_call(self, call: Call[Any]) -> None:
         sent = False
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             # Straight out if nobody waits for room (they would go first), else in turn.
             sent = not self._send_lock.locked() and self._try_send(call.data)
             if not sent:
@@ -138,14 +150,17 @@ class AsyncClient:
         # Not AsyncPending[T](...): that form costs microseconds on every request.
         return AsyncPending(self, call)
 
-    async def _wait(self, call: Call[T]) -> T:
+    async def _wait(self, call: Call[T], checked: bool = False) -> T:
         """Until ``call`` is done: read the socket if no other waiter does, else sleep
-        until the reader wakes this one (done, or its turn to read)."""
+        until the reader wakes this one (done, or its turn to read). ``checked``: the
+        caller checked for cancellation and has not yielded since (no need again)."""
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            if not checked:
+                await _checkpoint_if_cancelled()
             while not call.done:
                 if not self._reading:
-                    await self._read_for(call)
+                    await self._read_for(call, checked)  # checked: sent just now
+                    checked = False
                     continue
                 parked = self._parked[call.serial] = trio.Event()
                 try:
@@ -165,7 +180,10 @@ class AsyncClient:
 
     async def _call(self, call: Call[T]) -> T:
         await self._send_call(call)
-        return await self._wait(call)
+        # _send_call checked for cancellation; if it then had to wait for room, that
+        # wait was a checkpoint too. The wait for the answer is one again when it
+        # blocks; so no second check between the two.
+        return await self._wait(call, checked=True)
 
     def _wake(self, calls: list[Call[Any]]) -> None:
         for call in calls:
@@ -178,7 +196,7 @@ class AsyncClient:
         waiters of the calls it completes."""
         core = self._core
         try:
-            data, fds = fdpass.recv(self._sock)
+            data, fds = _recv(self._sock)
         except BlockingIOError:
             return False
         except fdpass.Truncated as e:
@@ -186,20 +204,46 @@ class AsyncClient:
         except OSError as e:
             self._wake(core.fail(ConnectionLost(f"the daemon closed the connection: {e}")))
         else:
-            self._wake(core.receive(data, fds))
-        self._hand_off(core.data_to_send())
+            done = core.receive(data, fds)
+            if self._parked:  # else nobody sleeps: the reader's own call needs no wake-up
+                self._wake(done)
+        if core._outbox:  # give-back RELEASEs, rare: no call for an empty list
+            self._hand_off(core.data_to_send())
         return True
 
-    async def _read_for(self, call: Call[Any]) -> None:
-        """Be the reader until ``call`` is done."""
-        core, sock, streak = self._core, self._sock, 0
+    async def _read_for(self, call: Call[Any], fresh: bool = False) -> None:
+        """Be the reader until ``call`` is done. ``fresh``: its request went out just now.
+
+        A fresh request's answer is seldom there at once (the daemon has yet to
+        run), and a receive that finds nothing costs a system call and an exception:
+        once :data:`MISSES` in a row have found nothing, the next :data:`WAIT_FIRST` fresh
+        requests wait for readiness before they receive, and the one after that tries
+        at once again, so that a daemon that answers before we look is noticed (and
+        one that mostly does never makes us wait first for one miss).
+        """
+        # The fd number, not the socket: trio would call fileno() on every wait.
+        core, fileno, streak = self._core, self._sock.fileno(), 0
         self._reading = True
         try:
+            if fresh:
+                if self._wait_first:
+                    self._wait_first -= 1
+                    wait = True
+                else:
+                    wait = not self._receive_one()
+                    self._misses = self._misses + 1 if wait else 0
+                    if self._misses >= MISSES:  # not a fluke: the daemon is slower than us
+                        self._wait_first = WAIT_FIRST
+                if wait:
+                    try:
+                        await _wait_readable(fileno)
+                    except trio.ClosedResourceError:  # the block is exiting
+                        self._wake(core.fail(ConnectionLost("the connection was closed")))
             while not call.done and core.broken is None:
                 if not self._receive_one():
                     streak = 0
                     try:
-                        await trio.lowlevel.wait_readable(sock)
+                        await _wait_readable(fileno)
                     except trio.ClosedResourceError:  # the block is exiting
                         self._wake(core.fail(ConnectionLost("the connection was closed")))
                     continue
@@ -296,11 +340,13 @@ class AsyncClient:
         device: str = "",
     ) -> Buffer:
         """As :meth:`primed.Client.allocate`."""
-        return await self._call(
-            self._core.allocate(
+        if allocator or usage or device:
+            call = self._core.allocate(
                 width, height, format, allocator=allocator, usage=usage, device=device
             )
-        )
+        else:
+            call = self._core.allocate(width, height, format)
+        return await self._call(call)
 
     async def allocate_many(
         self,
@@ -322,7 +368,11 @@ class AsyncClient:
 
     async def release(self, *buffers: Buffer | int, close: bool = True) -> int:
         """As :meth:`primed.Client.release`."""
-        count = await self._call(self._core.release(buffer_ids(buffers)))
+        if len(buffers) == 1 and type(buffers[0]) is Buffer:  # the common case, no list made
+            ids: list[int] = [buffers[0].id]
+        else:
+            ids = buffer_ids(buffers)
+        count = await self._call(self._core.release(ids))
         if close:
             for b in buffers:
                 if isinstance(b, Buffer):

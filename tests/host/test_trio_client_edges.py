@@ -315,3 +315,79 @@ async def test_one_request_at_a_time_resumes_its_task_once(tmp_path: Path) -> No
         # no trip for the send, none through a reader task, none after a receive.
         assert steps.steps == 20, steps.steps
         nursery.cancel_scope.cancel()
+
+
+async def _answer_releases(daemon: Scripted, count: int) -> None:
+    for _ in range(count):
+        serial, request = await daemon.read()
+        assert isinstance(request, protocol.Release), request
+        await daemon.answer(serial, Released(len(request.ids)))
+
+
+async def test_fresh_requests_wait_first_once_answers_keep_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from primed.client import trio as trio_client
+
+    empty = 0
+    receive = trio_client._recv
+
+    def counting(sock: socket.socket) -> tuple[bytes, list[int]]:
+        nonlocal empty
+        try:
+            return receive(sock)
+        except BlockingIOError:
+            empty += 1
+            raise
+
+    monkeypatch.setattr(trio_client, "_recv", counting)
+    async with scripted(tmp_path) as (client, daemon):
+        # The scripted daemon runs only when the client yields: no answer is ever
+        # there right after its request went out, the HELLO's neither.
+        assert client._misses == 1
+        empty = 0
+        # MISSES - 1 more misses; then twice WAIT_FIRST requests that wait first and
+        # one that tries at once (and misses).
+        rounds = trio_client.MISSES - 1 + 2 * (trio_client.WAIT_FIRST + 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_answer_releases, daemon, rounds)
+            for ident in range(1, rounds + 1):
+                assert await client.release(ident) == 1
+    assert empty == trio_client.MISSES + 1, (empty, rounds)
+
+
+async def test_a_request_cancelled_while_it_waits_first_is_given_back(tmp_path: Path) -> None:
+    from primed.client import trio as trio_client
+
+    async with scripted(tmp_path) as (client, daemon):
+        async with trio.open_nursery() as nursery:
+            # The HELLO missed (see above), and so do MISSES - 1 requests more.
+            nursery.start_soon(_answer_releases, daemon, trio_client.MISSES - 1)
+            for ident in range(1, trio_client.MISSES):
+                await client.release(ident)
+        assert client._wait_first == trio_client.WAIT_FIRST  # the next request waits first
+        scope = trio.CancelScope()
+
+        async def allocator() -> None:
+            with scope:
+                await client.allocate(16, 16)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(allocator)
+            serial, request = await daemon.read()
+            assert isinstance(request, protocol.Allocate)
+            scope.cancel()  # sent, waiting for readiness, not answered
+        assert scope.cancelled_caught
+        fd = os.memfd_create("given back", os.MFD_CLOEXEC)
+        try:
+            await daemon.answer(serial, Allocated(1, 0, (_info(5),)), [fd])
+        finally:
+            os.close(fd)
+        before = len(os.listdir("/proc/self/fd"))
+        await client.start_release(8)  # sent, then the answer taken in: given back
+        _, sent = await daemon.read()
+        assert sent == protocol.Release((8,)), sent
+        _, given_back = await daemon.read()
+        assert given_back == protocol.Release((5,)), given_back
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(os.listdir("/proc/self/fd")) <= before  # the received fd was closed

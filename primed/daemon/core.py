@@ -52,7 +52,7 @@ from primed.daemon.ratelimit import LogLimiter, held_note
 from primed.daemon.sessions import Ordered, Session, Token, Tokens
 from primed.errors import ErrorCode, KernelError, ProtocolError, RemoteProtocolError
 from primed.formats import LayoutError, Limits
-from primed.kernel.allocation import Allocation, Allocators, BufferSource
+from primed.kernel.allocation import Allocation, Allocators, BufferSource, Owner
 from primed.wire import protocol
 from primed.wire.protocol import (
     USAGE_CPU,
@@ -922,7 +922,7 @@ class _Allocation(_Undoable):
         width: int,
         height: int,
         count: int,
-        allocate: Callable[[formats.Format, int, int, Limits], Allocation],
+        allocate: Callable[[formats.Format, int, int, Limits, Owner], Allocation],
         fmt: formats.Format,
         limits: Limits,
     ):
@@ -958,8 +958,13 @@ class _Allocation(_Undoable):
 
     def prepare(self) -> None:
         core, session = self._core, self._session
+        # Named for its owner by the allocator, with the id adoption gives it below: a
+        # session's requests are handled one at a time, so no other takes ids meanwhile.
+        owner = Owner(session.uid, session.pid, session.next_id + len(self._made), session.name)
         try:
-            self._made.append(self._make(self._fmt, self._width, self._height, self._limits))
+            self._made.append(
+                self._make(self._fmt, self._width, self._height, self._limits, owner)
+            )
         except KernelError as e:
             self._end(core._kernel(session, self.serial, e))
             return

@@ -13,11 +13,18 @@ BufferSource (its default allocator, the first), which also holds every
 allocator under its name, what each is and serves (:class:`Served`), and the
 import matrix recorded at start (:class:`ImportMatrix`). Each Allocation
 remembers which allocator made it (``source``), and export and free go there.
+
+Every buffer is named for its owner (an :class:`Owner`, which the core passes to
+``allocate``) before any fd to it leaves the daemon, so that whoever holds it
+can see whose it is: a dma-buf by DMA_BUF_SET_NAME (fdinfo's ``name:`` line), a
+memfd by the name it is created with (``/memfd:NAME`` in /proc/PID/fd and maps).
+:meth:`Owner.label` makes that name; what it says is documented there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -43,12 +50,71 @@ class Allocation:
     source: int = 0  #: the position of the allocator that made it, in its Allocators
 
 
+#: What every buffer's name starts with.
+LABEL_PREFIX = "primed"
+#: Characters of a client's own name a label keeps; every other becomes "_".
+_KEPT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@functools.lru_cache(maxsize=256)
+def _cleaned(name: str) -> str:
+    # Cached: a client's name is the same for every buffer it allocates.
+    return "".join(c if c in _KEPT else "_" for c in name)
+
+
+@dataclasses.dataclass(slots=True)  # not frozen: one is made per buffer, and frozen costs 2x
+class Owner:
+    """Whose a new buffer is, as the daemon knows it: the client's uid and pid (from
+    SO_PEERCRED, the kernel's word), the id the buffer will have among the client's
+    (the daemon's count), and the name the client gave itself at HELLO (its own
+    word, so untrusted: it may say anything)."""
+
+    uid: int
+    pid: int
+    id: int
+    name: str = ""
+
+    def label(self, limit: int) -> str:
+        """The buffer's name, at most ``limit`` bytes of ASCII (no NUL, no newline):
+        ``primed:UID:ID:PID:NAME``, e.g. ``primed:1000:3:4242:weston``.
+
+        The daemon's fields come first, each whole or not at all (a field that would
+        pass ``limit`` is left out with everything after it); the client's name comes
+        last, cut to the room left, with every character but ASCII letters, digits and
+        ``. _ -`` replaced by ``_``. So a name can hold no ``:`` and push no field out
+        of its place: splitting a label at its first four colons always gives the
+        daemon's uid, id and pid, whatever the client called itself. A client with no
+        name gets ``primed:UID:ID:PID``. Within the dma-buf limit (31 bytes) uid and id
+        fit whole until a client's ids pass 13 digits (with a 10-digit uid); past that
+        the label is ``primed:UID``, short but never wrong.
+        """
+        text = f"{LABEL_PREFIX}:{self.uid}:{self.id}:{self.pid}"
+        if len(text) > limit:  # rare: huge ids or pids; drop whole fields from the end
+            text = LABEL_PREFIX
+            for field in (self.uid, self.id):
+                part = f":{field}"
+                if len(text) + len(part) > limit:
+                    break
+                text += part
+            return text
+        room = limit - len(text) - 1
+        if self.name and room > 0:
+            return f"{text}:{_cleaned(self.name)[:room]}"
+        return text
+
+
 class BufferSource(Protocol):
+    """An allocator. ``allocate`` names the buffer for ``owner`` before returning it
+    (see :meth:`Owner.label`); with no owner (the daemon's own test buffers) it may
+    leave it unnamed."""
+
     kind: Backend
     driver: Version
     node: str
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation: ...
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation: ...
     def export(self, allocation: Allocation) -> int: ...
     def free(self, allocation: Allocation) -> None: ...
     def close(self) -> None: ...
@@ -156,14 +222,22 @@ class Allocators:
         return next((i for i, s in enumerate(self.served) if s.name == name), None)
 
     def allocate_from(
-        self, index: int, fmt: Format, width: int, height: int, limits: Limits
+        self,
+        index: int,
+        fmt: Format,
+        width: int,
+        height: int,
+        limits: Limits,
+        owner: Owner | None = None,
     ) -> Allocation:
-        allocation = self.served[index].source.allocate(fmt, width, height, limits)
+        allocation = self.served[index].source.allocate(fmt, width, height, limits, owner)
         allocation.source = index
         return allocation
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
-        return self.allocate_from(0, fmt, width, height, limits)
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
+        return self.allocate_from(0, fmt, width, height, limits, owner)
 
     def export(self, allocation: Allocation) -> int:
         return self.served[allocation.source].source.export(allocation)

@@ -1,7 +1,7 @@
 """Two of the daemon's allocators: DRM dumb buffers, and sealed memfds.
 
 Each is a :class:`~primed.kernel.allocation.BufferSource`; that module says what
-the daemon expects of one.
+the daemon expects of one, and how a buffer is named for its owner.
 """
 
 from __future__ import annotations
@@ -14,8 +14,15 @@ import os
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, LayoutError, Limits, layout, plan
 from primed.kernel import dmabuf, drm
-from primed.kernel.allocation import Allocation, planes_of
+from primed.kernel.allocation import Allocation, Owner, planes_of
 from primed.wire.schema import Backend, Kind
+
+#: The longest memfd name (MFD_NAME_MAX_LEN: NAME_MAX less "memfd:"), NUL not counted.
+MFD_NAME_MAX_LEN = 249
+#: What a memfd is called when it has no owner.
+MEMFD_NAME = "primed-buffer"
+#: The longest dma-buf name, NUL not counted.
+DMABUF_LABEL_LEN = dmabuf.DMA_BUF_NAME_LEN - 1
 
 
 def page_rounded(size: int) -> int:
@@ -27,9 +34,16 @@ class DmabufFdBackend:
     """What the allocators whose Allocation holds a dma-buf fd share (dma-heap,
     udmabuf): a delivery is a dup of that fd (a dma-buf has one open file
     description, whatever the path: see :mod:`primed.kernel.heap`), freeing closes
-    it, and the allocator's device fd is ``fd``."""
+    it, and the allocator's device fd is ``fd``. Each buffer is named for its owner
+    as soon as it exists (:meth:`_named`), through ``namer``."""
 
     fd: int
+    namer: dmabuf.Namer
+
+    def _named(self, fd: int, owner: Owner | None) -> None:
+        """Name a new buffer for ``owner``; a refusal is counted, not raised (see Namer)."""
+        if owner is not None:
+            self.namer.name(fd, owner.label(DMABUF_LABEL_LEN))
 
     def export(self, allocation: Allocation) -> int:
         try:
@@ -52,7 +66,14 @@ class DmabufFdBackend:
 
 
 class DumbBackend:
-    """Dumb buffers on a DRM card node, exported with PRIME."""
+    """Dumb buffers on a DRM card node, exported with PRIME.
+
+    A buffer is named at allocation through a PRIME export made for the purpose and
+    closed at once: the exporter's handle keeps that one dma-buf (the kernel's prime
+    table holds a reference until the handle is destroyed), and every later export
+    of the handle gives that same dma-buf, name and all. If the export fails the
+    buffer goes unnamed, counted as a refusal (a name is not worth failing for).
+    """
 
     kind = Backend.DRM
     allocator_kind = Kind.DUMB
@@ -65,8 +86,11 @@ class DumbBackend:
         except BaseException:
             os.close(self.fd)
             raise
+        self.namer = dmabuf.Namer(path)
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         plan(fmt, width, height, limits)  # refuse before any ioctl
         # All planes share one dumb buffer. It is asked for in 32-bit pixels,
         # the one depth every driver takes (virtio-gpu refuses any other): wide
@@ -90,11 +114,24 @@ class DumbBackend:
             allocation = Allocation(
                 width, height, fmt.fourcc, dumb.size, planes_of(lay), dumb.handle
             )
+            if owner is not None:
+                self._name(dumb.handle, owner.label(DMABUF_LABEL_LEN))
             made = True
             return allocation
         finally:
             if not made:
                 drm.destroy_dumb(self.fd, dumb.handle)
+
+    def _name(self, handle: int, label: str) -> None:
+        try:
+            fd = drm.handle_to_fd(self.fd, handle)
+        except KernelError as e:
+            self.namer.refused(e.errno or errno.EIO, label)
+            return
+        try:
+            self.namer.name(fd, label)
+        finally:
+            os.close(fd)
 
     def export(self, allocation: Allocation) -> int:
         return drm.handle_to_fd(self.fd, allocation.ref)
@@ -144,7 +181,8 @@ class MemfdBackend:
     The seals forbid resizing, so no holder can shrink a buffer under another's
     mapping (SIGBUS); writing stays allowed, as with a dma-buf. Each export is
     an open file description of its own, so no holder's fcntl(F_SETFL) reaches
-    another holder.
+    another holder. A buffer's owner is its memfd's name (``/memfd:primed:...`` in
+    /proc/PID/fd), which every holder sees, however it got the fd.
     """
 
     kind = Backend.MEMFD
@@ -152,11 +190,15 @@ class MemfdBackend:
     node = ""
     driver = drm.Version("memfd", 0, 0, 0, "", "sealed memfd buffers")
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         lay = plan(fmt, width, height, limits)
         size = page_rounded(lay.size)
+        # The owner's label is the memfd's name from its birth: no step of its own.
+        name = MEMFD_NAME if owner is None else owner.label(MFD_NAME_MAX_LEN)
         try:
-            fd = os.memfd_create("primed-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:
             raise KernelError(e.errno or errno.EIO, "memfd_create") from None
         made = False  # the memfd is ours until the Allocation that owns it is returned

@@ -24,8 +24,8 @@ import struct
 
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
-from primed.kernel import drm
-from primed.kernel.allocation import Allocation, planes_of
+from primed.kernel import dmabuf, drm
+from primed.kernel.allocation import Allocation, Owner, planes_of
 from primed.kernel.backends import DmabufFdBackend, page_rounded
 from primed.wire.schema import Backend, Kind
 
@@ -100,9 +100,20 @@ class HeapBackend(DmabufFdBackend):
         self.name = name
         self.node = os.path.join(root, name)
         self.driver = drm.Version(f"dma-heap/{name}", 0, 0, 0, "", f"dma-buf heap {self.node}")
+        self.namer = dmabuf.Namer(self.node)
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         lay = plan(fmt, width, height, limits)  # refuses before any ioctl
         size = page_rounded(lay.size)
         fd = alloc(self.fd, size)
-        return Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
+        made = False  # the dma-buf is ours until the Allocation that owns it is returned
+        try:
+            self._named(fd, owner)
+            allocation = Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
+            made = True
+            return allocation
+        finally:
+            if not made:
+                os.close(fd)

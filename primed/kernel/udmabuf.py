@@ -30,8 +30,8 @@ import struct
 
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
-from primed.kernel import drm
-from primed.kernel.allocation import Allocation, planes_of
+from primed.kernel import dmabuf, drm
+from primed.kernel.allocation import Allocation, Owner, planes_of
 from primed.kernel.backends import DmabufFdBackend, page_rounded
 from primed.wire.schema import Backend, Kind
 
@@ -122,8 +122,11 @@ class UdmabufBackend(DmabufFdBackend):
         self.fd = open_device(path)
         self.node = path
         self.driver = drm.Version("udmabuf", 0, 0, 0, "", f"udmabuf over sealed memfds ({path})")
+        self.namer = dmabuf.Namer(path)
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         lay = plan(fmt, width, height, limits)  # refuses before any ioctl
         size = page_rounded(lay.size)
         memfd = sealed_memfd(size)
@@ -131,4 +134,12 @@ class UdmabufBackend(DmabufFdBackend):
             fd = create(self.fd, memfd, 0, size)
         finally:
             os.close(memfd)  # the udmabuf holds the pages: see the module docstring
-        return Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
+        made = False  # the dma-buf is ours until the Allocation that owns it is returned
+        try:
+            self._named(fd, owner)
+            allocation = Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
+            made = True
+            return allocation
+        finally:
+            if not made:
+                os.close(fd)

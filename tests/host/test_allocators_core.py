@@ -25,6 +25,7 @@ from primed.kernel.allocation import (
     Allocators,
     DeviceRow,
     ImportMatrix,
+    Owner,
     Served,
 )
 from primed.kernel.backends import MemfdBackend
@@ -67,9 +68,11 @@ class Counted(MemfdBackend):
     def __init__(self) -> None:
         self.made = self.exported = self.freed = 0
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         self.made += 1
-        return super().allocate(fmt, width, height, limits)
+        return super().allocate(fmt, width, height, limits, owner)
 
     def export(self, allocation: Allocation) -> int:
         self.exported += 1

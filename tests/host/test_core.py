@@ -41,7 +41,7 @@ from primed.daemon.policy import Bounds, Peer, Policy, Quotas
 from primed.daemon.sessions import Session
 from primed.errors import ErrorCode, KernelError
 from primed.formats import Format, Limits
-from primed.kernel.allocation import Allocation
+from primed.kernel.allocation import Allocation, Owner
 from primed.kernel.backends import MemfdBackend
 from primed.wire import protocol
 from primed.wire.protocol import (
@@ -106,9 +106,11 @@ class Faulty(MemfdBackend):
         if self.calls[call] == nth:
             raise KernelError(err, f"injected {call} fault")
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         self._count("allocate")
-        return super().allocate(fmt, width, height, limits)
+        return super().allocate(fmt, width, height, limits, owner)
 
     def export(self, allocation: Allocation) -> int:
         self._count("export")
@@ -532,10 +534,12 @@ def test_kernel_refusal_travels_back_with_errno_and_nothing_is_kept(harness: Har
 def test_a_layout_the_backend_refuses_is_answered_as_plan_would(harness: Harness) -> None:
     # Fault injection: neither backend refuses a layout plan() accepted.
     class Picky(MemfdBackend):
-        def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+        def allocate(
+            self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+        ) -> Allocation:
             if width > 32:
                 raise formats.LayoutError("too wide for this device", limit=True)
-            return super().allocate(fmt, width, height, limits)
+            return super().allocate(fmt, width, height, limits, owner)
 
     harness.core.backend = Picky()
     session = harness.connect()

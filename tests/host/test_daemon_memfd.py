@@ -144,7 +144,7 @@ def test_handshake(client: primed.Client) -> None:
 def check_memfd(buf: Buffer) -> None:
     """``buf.fd`` is a sealed memfd of ``buf.size`` bytes, received close-on-exec."""
     assert os.fstat(buf.fd).st_size == buf.size
-    assert os.readlink(f"/proc/self/fd/{buf.fd}").startswith("/memfd:primed-buffer")
+    assert os.readlink(f"/proc/self/fd/{buf.fd}").startswith("/memfd:primed:")
     assert fcntl.fcntl(buf.fd, fcntl.F_GET_SEALS) & SEALS == SEALS
     assert fcntl.fcntl(buf.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
     with pytest.raises(PermissionError):

@@ -29,7 +29,7 @@ from primed.daemon.policy import Bounds, Peer, Policy, Quotas
 from primed.daemon.sessions import Ordered, Session
 from primed.errors import ErrorCode
 from primed.formats import Format, Limits
-from primed.kernel.allocation import Allocation, planes_of
+from primed.kernel.allocation import Allocation, Owner, planes_of
 from primed.kernel.drm import Version
 from primed.wire import protocol
 from primed.wire.protocol import (
@@ -67,7 +67,9 @@ class Ledgered:
     def __init__(self) -> None:
         self.live = 0
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         layout = formats.plan(fmt, width, height, limits)
         self.live += 1
         return Allocation(width, height, fmt.fourcc, layout.size, planes_of(layout), -1)

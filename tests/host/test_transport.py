@@ -36,7 +36,7 @@ from primed.daemon.process import bind, run
 from primed.daemon.transport import QUEUED_BYTES, Daemon
 from primed.errors import ErrorCode, PrimedError
 from primed.formats import Format, Limits
-from primed.kernel.allocation import Allocation
+from primed.kernel.allocation import Allocation, Owner
 from primed.kernel.backends import MemfdBackend
 from primed.wire import protocol
 from primed.wire.protocol import Allocate, Allocated, Error, Hello, Query, Released, Welcome
@@ -430,7 +430,9 @@ async def test_a_reset_connection_ends_its_session(
 class Buggy(MemfdBackend):
     """A backend with a bug: allocate raises what no handler expects."""
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         raise RuntimeError("a bug")
 
 
@@ -720,12 +722,14 @@ class Costly(MemfdBackend):
 
     made = 0
 
-    def allocate(self, fmt: Format, width: int, height: int, limits: Limits) -> Allocation:
+    def allocate(
+        self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
+    ) -> Allocation:
         until = time.perf_counter() + 0.0002
         while time.perf_counter() < until:
             pass
         self.made += 1
-        return super().allocate(fmt, width, height, limits)
+        return super().allocate(fmt, width, height, limits, owner)
 
 
 async def test_others_are_served_while_a_large_batch_is_made(serve: Any) -> None:

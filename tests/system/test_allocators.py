@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +129,21 @@ def test_a_client_gets_a_buffer_from_each_allocator_by_name() -> None:
     assert groups == {grp.getgrnam(g).gr_gid for g in ("video", "primed-heap", "kvm")}
     # systemd found every node the unit names (on 6.1 it warns that /dev/udmabuf is missing).
     assert not [m for m in journal.messages() if "Couldn't stat device" in m]
+
+
+def test_the_security_score_holds_while_serving_them() -> None:
+    """The grants cost no exposure: the running service scores as the unit does offline
+    (test_service.py checks the same on 6.1, where the nodes are missing)."""
+    assert show("primed.service", "StatusText").startswith("serving drm buffers")
+    online = run("systemd-analyze", "security", "--no-pager", "primed.service").stdout
+    offline = run("systemd-analyze", "security", "--offline=yes", str(UNIT)).stdout
+    pattern = r"Overall exposure level for primed\.service: (\d+\.\d)"
+    scores = [re.search(pattern, text) for text in (online, offline)]
+    assert scores[0] is not None and scores[1] is not None, online + offline
+    assert float(scores[0][1]) <= 1.2
+    assert scores[0][1] == scores[1][1]
+    allowed = show("primed.service", "DeviceAllow")
+    assert all(line in allowed for line in unit_lines("DeviceAllow")), allowed
 
 
 def without(key: str, value: str) -> str:

@@ -153,9 +153,11 @@ def test_units_say_what_the_readme_says() -> None:
     for line in (
         "Type=notify",
         "DynamicUser=yes",
-        "SupplementaryGroups=video",
+        "SupplementaryGroups=video primed-heap kvm",
         "DevicePolicy=closed",
         "DeviceAllow=char-drm rw",
+        "DeviceAllow=char-dma_heap r",
+        "DeviceAllow=/dev/udmabuf rw",
         "ExecReload=/bin/kill -HUP $MAINPID",
         EXEC_START,
         "StartLimitIntervalSec=0",
@@ -185,7 +187,7 @@ def test_sysusers_makes_the_socket_group(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     groups = [line.split(":") for line in (tmp_path / "etc" / "group").read_text().splitlines()]
-    assert [(g[0], int(g[2]) < 1000) for g in groups] == [("primed", True)]
+    assert [(g[0], int(g[2]) < 1000) for g in groups] == [("primed", True), ("primed-heap", True)]
 
 
 def test_the_readme_installs_the_group_before_the_socket() -> None:

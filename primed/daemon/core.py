@@ -962,9 +962,7 @@ class _Allocation(_Undoable):
         # session's requests are handled one at a time, so no other takes ids meanwhile.
         owner = Owner(session.uid, session.pid, session.next_id + len(self._made), session.name)
         try:
-            self._made.append(
-                self._make(self._fmt, self._width, self._height, self._limits, owner)
-            )
+            self._made.append(self._make(self._fmt, self._width, self._height, self._limits, owner))
         except KernelError as e:
             self._end(core._kernel(session, self.serial, e))
             return

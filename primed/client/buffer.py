@@ -109,6 +109,48 @@ class Buffer:
         buffer.allocator = allocator
         return buffer
 
+    @classmethod
+    def _adopt_many(
+        cls,
+        fds: list[int],
+        ids: tuple[int, ...],
+        layouts: tuple[tuple[int, int, int, int, int, tuple[Plane, ...]], ...],
+        backend: Backend,
+        allocator: str,
+    ) -> list[Buffer]:
+        """A Buffer per fd, with the id and (width, height, fourcc, modifier, size, planes)
+        at the same position: what the client's receive path makes of a many-buffer
+        ALLOCATED. The loop sets the slots itself, with no call per buffer. If it fails
+        part-way every fd is closed all the same."""
+        made: list[Buffer] = []
+        append = made.append
+        try:
+            for fd, ident, (width, height, fourcc, modifier, size, planes) in zip(
+                fds, ids, layouts, strict=True
+            ):
+                buffer = _new(cls)
+                buffer._fd = fd
+                buffer.id = ident
+                buffer.width = width
+                buffer.height = height
+                buffer.fourcc = fourcc
+                buffer.modifier = modifier
+                buffer.size = size
+                buffer.planes = planes
+                buffer.backend = backend
+                buffer.allocator = allocator
+                append(buffer)
+        except BaseException:
+            for buffer in made:
+                buffer.close()
+            for fd in fds[len(made) :]:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        return made
+
     def __del__(self, _close: Any = os.close) -> None:
         # The backstop for a buffer nobody closed. os.close is bound as a default so
         # that it is still there while the interpreter shuts down.

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from primed import formats
+from primed.client import _allocated
 from primed.client.buffer import Buffer
 from primed.errors import (
     ConnectionLost,
@@ -79,6 +80,7 @@ _HEADER = schema.fixed(schema.HEADER)
 _LAST_SERIAL = 0xFFFFFFFF
 _one_buffer = protocol.one_buffer
 _released_count = protocol.released_count
+_many = _allocated.many
 #: Buffers' plane tuples by the (offset, pitch) pairs received: a few layouts recur
 #: (one per size and format in use), and Planes are immutable, so Buffers share them.
 _LAYOUTS: dict[tuple[tuple[int, int], ...], tuple[Plane, ...]] = {}
@@ -199,6 +201,7 @@ def token_bytes(token: str | bytes) -> bytes:
 
 
 _make_buffer = Buffer._adopt
+_make_buffers = Buffer._adopt_many
 
 
 def buffer_from(info: BufferInfo, fd: int, backend: Backend, allocator: str = "") -> Buffer:
@@ -762,12 +765,18 @@ class ClientConnection:
                         if call.abandoned:
                             return []
                         return [call]
-            elif len(fds) == 1:
-                got = _one_buffer(data, 1)
+            else:
+                got = _one_buffer(data, 1) if len(fds) == 1 else None
                 if got is not None:
                     quick = self._one(got, fds[0])
                     if quick is not None:
                         return quick
+                else:  # many buffers, or one part of a larger whole
+                    many = _many(data, len(fds))
+                    if many is not None:
+                        quick = self._many(many, fds)
+                        if quick is not None:
+                            return quick
         if self.broken is not None:
             close_fds(fds)
             return []
@@ -848,6 +857,29 @@ class ClientConnection:
             return []
         self._answered[serial] = call
         return [call]
+
+    def _many(self, got: _allocated.Many, fds: list[int]) -> list[Call[Any]] | None:
+        """One ALLOCATED part of buffers, with their fds, as :meth:`receive`'s general
+        path would take it; None (nothing done, the fds still the caller's) unless it is
+        the next part a call in flight expects, from an allocator WELCOME listed."""
+        serial, total, index, allocator, ids, layouts = got
+        call = self._pending.get(serial)
+        if (
+            type(call) is not _Buffers
+            or call.done  # failed on an earlier part: the general path drains the rest
+            or total != call._count
+            or index != call._received
+            or allocator >= len(self._sources)
+        ):
+            return None
+        backend, name = self._sources[allocator]
+        buffers = _make_buffers(fds, ids, layouts, backend, name)
+        call._received += len(buffers)
+        call._parts += buffers
+        if call._received != call._count:
+            return []
+        call._finish(call._convert(call._parts))
+        return self._completed(call, False)
 
     def truncated(self, error: Truncated) -> list[Call[Any]]:
         """A datagram arrived cut short (its fds were closed already; see

@@ -14,9 +14,10 @@ kms_swrast has none to give). It frees an import with DESTROY_DUMB, which a rend
 node refuses (EACCES), so there the GEM handle outlives ``gbm_bo_destroy`` until
 the fd is closed: the tests below check each of these as the kernel shows it.
 
-Sources: dumb buffers served by the daemon from virtio-gpu's and vgem's card nodes
-(both kernels), and on 6.12 dma-heap and udmabuf buffers, for now taken from
-primed's backends directly (see ``source``).
+Sources: buffers a daemon serves, one daemon per allocator: dumb buffers of
+virtio-gpu's and vgem's card nodes (both kernels), and on 6.12 the system heap's
+(``primed serve --heap system``) and udmabuf's (``--udmabuf``), so that GBM takes
+each allocator's buffers as primed delivers them (see ``source``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,9 @@ import pytest
 
 import primed
 from primed import formats
-from primed.client.buffer import Buffer, Plane
+from primed.client.buffer import Buffer
 from primed.errors import KernelError
-from primed.formats import Limits
-from primed.kernel import drm, heap, udmabuf
-from primed.kernel.allocation import BufferSource
-from primed.wire.schema import Backend
+from primed.kernel import drm
 from tests.kernel import gbm
 from tests.kernel.conftest import Nodes, serve
 from tests.kernel.test_allocators import HAS_ALLOCATORS
@@ -51,6 +49,8 @@ WIDTH, HEIGHT = 150, 100
 DUMB_SOURCES = ("virtio_gpu", "vgem")
 #: Buffers not made by a DRM driver: only 6.12 has them.
 ALLOCATOR_SOURCES = ("heap", "udmabuf") if HAS_ALLOCATORS else ()
+#: What ``primed serve`` is told to serve each source's buffers with.
+SERVE_ARGS = {"heap": ("--heap", "system"), "udmabuf": ("--udmabuf",)}
 #: Which source's buffers each driver imports (the kernel's rule: virtio-gpu takes
 #: only its own; vgem takes any).
 IMPORTS = {"virtio_gpu": {"virtio_gpu"}, "vgem": {*DUMB_SOURCES, *ALLOCATOR_SOURCES}}
@@ -68,60 +68,21 @@ def _from_daemon(client: primed.Client, width: int, height: int, code: str) -> I
         client.release(buf)
 
 
-@contextlib.contextmanager
-def _from_backend(backend: BufferSource, width: int, height: int, code: str) -> Iterator[Buffer]:
-    """What the daemon would deliver from ``backend``: one exported fd and its layout."""
-    allocation = backend.allocate(formats.lookup(code), width, height, Limits())
-    try:
-        fd = backend.export(allocation)
-    except BaseException:
-        backend.free(allocation)
-        raise
-    buf = Buffer(
-        fd,
-        id=0,
-        width=allocation.width,
-        height=allocation.height,
-        fourcc=allocation.fourcc,
-        modifier=allocation.modifier,
-        size=allocation.size,
-        planes=tuple(Plane(offset, pitch) for offset, pitch in allocation.planes),
-        backend=Backend.DRM,
-    )
-    try:
-        yield buf
-    finally:
-        buf.close()
-        backend.free(allocation)
-
-
 @pytest.fixture(scope="module", params=DUMB_SOURCES + ALLOCATOR_SOURCES)
 def source(
     request: pytest.FixtureRequest,
     nodes: dict[str, Nodes],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, Allocate]]:
-    """(name, allocate) for one source of buffers.
-
-    Dumb buffers come from a daemon serving the driver's card node. The daemon
-    does not serve dma-heap or udmabuf buffers yet, so those come from primed's
-    backends in this process, as the daemon would hand them out; once it serves
-    them, start a daemon for them here as for the others.
-    """
+    """(name, allocate) for one source of buffers: a daemon serving that allocator
+    alone (a driver's card node, the system heap, udmabuf), and a client of it."""
     name = str(request.param)
+    args = ("--device", nodes[name].card) if name in DUMB_SOURCES else SERVE_ARGS[name]
     with contextlib.ExitStack() as stack:
-        if name in DUMB_SOURCES:
-            sock = tmp_path_factory.mktemp(name) / "primed.sock"
-            daemon = serve(sock, "--device", nodes[name].card)
-            stack.callback(daemon.stop)
-            client = stack.enter_context(primed.connect(daemon.socket))
-            yield name, lambda w, h, code: _from_daemon(client, w, h, code)
-        else:
-            backend: BufferSource = (
-                heap.HeapBackend("system") if name == "heap" else udmabuf.UdmabufBackend()
-            )
-            stack.callback(backend.close)
-            yield name, lambda w, h, code: _from_backend(backend, w, h, code)
+        daemon = serve(tmp_path_factory.mktemp(name) / "primed.sock", *args)
+        stack.callback(daemon.stop)
+        client = stack.enter_context(primed.connect(daemon.socket))
+        yield name, lambda w, h, code: _from_daemon(client, w, h, code)
 
 
 @pytest.fixture(scope="module")

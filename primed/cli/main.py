@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import glob
 import grp
 import json
 import logging
@@ -22,7 +23,7 @@ from primed.client.connection import DEFAULT_SOCKET
 from primed.client.device import Device, Import
 from primed.errors import ErrorCode, KernelError, PrimedError
 from primed.kernel import drm, served
-from primed.kernel.allocation import Allocators
+from primed.kernel.allocation import Allocators, DeviceRow
 from primed.kernel.backends import find_dumb_node
 from primed.service.config import DEFAULT_PATH as DEFAULT_CONFIG
 from primed.service.config import Config
@@ -293,6 +294,7 @@ def _open_backend(config: Config) -> Allocators:
             driver.patch,
             f" on {s.source.node}" if s.source.node else "",
         )
+    _say_unprobed(allocators.matrix.rows)
     for row in allocators.matrix.rows:
         log.info(
             "imports on %s (%s): %s",
@@ -304,6 +306,30 @@ def _open_backend(config: Config) -> Allocators:
             ),
         )
     return allocators
+
+
+def _say_unprobed(rows: Sequence[DeviceRow], root: str = "/dev/dri") -> None:
+    """Warn of each render node the import matrix leaves out, since the daemon could not
+    open it: a client would otherwise see no row for its node and not know why."""
+    probed = {row.node for row in rows}
+    for path in sorted(glob.glob(os.path.join(root, "renderD*"))):
+        if path in probed:
+            continue
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            reason = e.strerror or str(e)
+        else:
+            reason = "not a DRM node"
+        try:
+            group = grp.getgrgid(os.stat(path).st_gid).gr_name
+        except (OSError, KeyError):
+            group = "the node's group"
+        else:
+            group = f"group {group}"
+        log.warning(
+            "import matrix: %s left out: %s; the daemon's user needs %s", path, reason, group
+        )
 
 
 def _import_text(err: int) -> str:

@@ -153,7 +153,7 @@ def test_units_say_what_the_readme_says() -> None:
     for line in (
         "Type=notify",
         "DynamicUser=yes",
-        "SupplementaryGroups=video primed-heap kvm",
+        "SupplementaryGroups=video render primed-heap kvm",
         "DevicePolicy=closed",
         "DeviceAllow=char-drm rw",
         "DeviceAllow=char-dma_heap r",

@@ -15,6 +15,7 @@ order; the last stops the service and puts the unit and the configuration back.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import re
 import stat
@@ -105,7 +106,7 @@ def test_the_nodes_have_the_groups_the_unit_joins() -> None:
     heap_group = grp.getgrnam("primed-heap")
     assert heap_group.gr_gid < 1000  # a system group, as systemd-sysusers makes them
     assert heap_group.gr_mem == []  # the service's alone
-    assert unit_lines("SupplementaryGroups") == ["video primed-heap kvm"]
+    assert unit_lines("SupplementaryGroups") == ["video render primed-heap kvm"]
 
 
 def test_a_client_gets_a_buffer_from_each_allocator_by_name() -> None:
@@ -126,7 +127,7 @@ def test_a_client_gets_a_buffer_from_each_allocator_by_name() -> None:
     status = Path(f"/proc/{show('primed.service', 'MainPID')}/status").read_text()
     fields = {k: v.strip() for k, _, v in (line.partition(":") for line in status.splitlines())}
     groups = {int(g) for g in fields["Groups"].split()} - {int(fields["Gid"].split()[0])}
-    assert groups == {grp.getgrnam(g).gr_gid for g in ("video", "primed-heap", "kvm")}
+    assert groups == {grp.getgrnam(g).gr_gid for g in ("video", "render", "primed-heap", "kvm")}
     # systemd found every node the unit names (on 6.1 it warns that /dev/udmabuf is missing).
     assert not [m for m in journal.messages() if "Couldn't stat device" in m]
 
@@ -175,9 +176,49 @@ def test_every_granting_line_of_the_unit_is_tried() -> None:
     assert sorted(v for k, v, _, _ in LINES if k == "DeviceAllow") == sorted(
         unit_lines("DeviceAllow")
     )
-    assert sorted(v for k, v, _, _ in LINES if k == "SupplementaryGroups") == sorted(
+    # render grants no allocator's node: test_without_render_the_matrix_is_empty tries it.
+    assert sorted(["render"] + [v for k, v, _, _ in LINES if k == "SupplementaryGroups"]) == sorted(
         unit_lines("SupplementaryGroups")[0].split()
     )
+
+
+#: The import matrix the service measures on virtio-gpu's render node: it imports its own
+#: buffers, and refuses every other dma-buf with ENODEV.
+MATRIX = [
+    {
+        "node": "/dev/dri/renderD128",
+        "driver": "virtio_gpu",
+        "imports": {"card0": "ok", "heap:system": "ENODEV", "udmabuf": "ENODEV"},
+    }
+]
+
+
+def test_the_service_measures_the_import_matrix() -> None:
+    done = as_user("alice", "primed", "info", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["imports"] == MATRIX
+
+
+def test_without_render_the_matrix_is_empty_and_the_daemon_says_why() -> None:
+    DROP_IN.parent.mkdir(exist_ok=True)
+    DROP_IN.write_text(without("SupplementaryGroups", "render"))
+    try:
+        run("systemctl", "stop", "primed.service")
+        run("systemctl", "daemon-reload")
+        journal = Journal()
+        done = as_user("alice", "primed", "info", "--json")  # starts it: it serves
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["imports"] == []
+        said = "import matrix: /dev/dri/renderD128 left out: Permission denied; "
+        said += "the daemon's user needs group render"
+        journal.wait(said)
+    finally:
+        DROP_IN.unlink()
+        run("systemctl", "daemon-reload")
+    run("systemctl", "stop", "primed.service")
+    done = as_user("alice", "primed", "info", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["imports"] == MATRIX
 
 
 @pytest.mark.parametrize(("key", "value", "node", "error"), LINES, ids=[v for _, v, _, _ in LINES])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grp
 import itertools
+import json
 import os
 import re
 import signal
@@ -139,8 +140,10 @@ def test_the_hardening_is_in_force() -> None:
     uid = int(fields["Uid"].split()[0])
     assert 61184 <= uid <= 65519  # DynamicUser='s range
     groups = {int(g) for g in fields["Groups"].split()}
-    assert grp.getgrnam("video").gr_gid in groups  # SupplementaryGroups=video
-    assert not groups & {grp.getgrnam("render").gr_gid, grp.getgrnam("primed").gr_gid}
+    # SupplementaryGroups=: video for the card nodes, render for the import matrix's probe;
+    # never primed, the clients' group.
+    assert {grp.getgrnam("video").gr_gid, grp.getgrnam("render").gr_gid} <= groups
+    assert grp.getgrnam("primed").gr_gid not in groups
     limits = Path(f"/proc/{main_pid()}/limits").read_text()
     assert re.search(r"Max open files\s+524288\s+524288", limits), limits  # LimitNOFILE=
 
@@ -179,6 +182,18 @@ def test_video_opens_card_nodes_but_not_the_socket() -> None:
     assert "Permission denied" in done.stderr
     opened = as_user("bob", PYTHON, "-c", "import os; os.open('/dev/dri/card0', os.O_RDWR)")
     assert opened.returncode == 0, opened.stderr  # and so could make dumb buffers itself
+
+
+def test_the_import_matrix_has_the_render_node() -> None:
+    """The service measured its import matrix on the render node (it is in render): a
+    client of the primed group alone, which may not open the node, is told what an import
+    there gives."""
+    done = as_user("alice", "primed", "info", "--json")
+    assert done.returncode == 0, done.stderr
+    described = json.loads(done.stdout)
+    assert described["imports"] == [
+        {"node": "/dev/dri/renderD128", "driver": "virtio_gpu", "imports": {"card0": "ok"}}
+    ], described
 
 
 def test_importing_on_a_render_node_needs_render() -> None:

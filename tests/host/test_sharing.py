@@ -19,7 +19,7 @@ from primed import fdpass, formats
 from primed.errors import ErrorCode
 from primed.wire import protocol
 from tests.host.conftest import StartDaemon
-from tests.support import Daemon, count_fds, run_client, wait_for
+from tests.support import Daemon, run_client, settled_fds, wait_for, wait_for_fds
 
 # Opens a token in a new process, prints the layout and the pixels' SHA-256.
 OPEN = """
@@ -147,11 +147,13 @@ def test_share_needs_a_live_buffer_and_has_a_cap(client: primed.Client) -> None:
 def test_tokens_are_freed_with_their_buffers(spawn: StartDaemon) -> None:
     daemon = spawn()
     with primed.connect(daemon.socket) as client:
-        before = count_fds(daemon.pid)
+        # Settled, then waited for: read from outside, the daemon's count may catch it
+        # between two steps of its own (seen once on a loaded machine).
+        before = settled_fds(daemon.pid)
         bufs = client.allocate_many(16, 16, "XR24", 10)
         tokens = [client.share(b) for b in bufs for _ in range(3)]
         client.release(*bufs)
-        assert count_fds(daemon.pid) == before
+        wait_for_fds(daemon.pid, before)
         for token in tokens[:3]:
             with pytest.raises(primed.ServerError):
                 client.open_shared(token)

@@ -170,6 +170,24 @@ def layout(fmt: Format, width: int, height: int, pitch0: int | None = None) -> L
     row0 = width * fmt.cpp[0]
     if pitch0 is None:
         pitch0 = _align(row0, PITCH_ALIGN)
+    key = (fmt.fourcc, width, height, pitch0)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] is fmt:
+        return hit[1]
+    result = _layout(fmt, width, height, row0, pitch0)
+    if len(_LAYOUTS) >= _PLANS_MAX:  # bounded, as plan()'s
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (fmt, result)
+    return result
+
+
+#: layout()'s cache (the DRM backends lay out every buffer twice, on pitches that are
+#: the same for a size): (fourcc, width, height, pitch0) -> (the format, the layout).
+#: A hit must be the same Format object; refusals are not cached.
+_LAYOUTS: dict[tuple[int, int, int, int], tuple[Format, Layout]] = {}
+
+
+def _layout(fmt: Format, width: int, height: int, row0: int, pitch0: int) -> Layout:
     if pitch0 < row0:
         raise LayoutError(f"pitch {pitch0} is shorter than a row of {row0} bytes")
     planes = []

@@ -12,7 +12,6 @@ equal for NV12's UV), so that a single pitch describes the whole buffer.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from primed.errors import LayoutError as LayoutError  # noqa: PLC0414 (re-exported)
 from primed.errors import UnknownFormat as UnknownFormat  # noqa: PLC0414 (re-exported)
@@ -171,6 +170,24 @@ def layout(fmt: Format, width: int, height: int, pitch0: int | None = None) -> L
     row0 = width * fmt.cpp[0]
     if pitch0 is None:
         pitch0 = _align(row0, PITCH_ALIGN)
+    key = (fmt.fourcc, width, height, pitch0)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] is fmt:
+        return hit[1]
+    result = _layout(fmt, width, height, row0, pitch0)
+    if len(_LAYOUTS) >= _PLANS_MAX:  # bounded, as plan()'s
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (fmt, result)
+    return result
+
+
+#: layout()'s cache (the DRM backends lay out every buffer twice, on pitches that are
+#: the same for a size): (fourcc, width, height, pitch0) -> (the format, the layout).
+#: A hit must be the same Format object; refusals are not cached.
+_LAYOUTS: dict[tuple[int, int, int, int], tuple[Format, Layout]] = {}
+
+
+def _layout(fmt: Format, width: int, height: int, row0: int, pitch0: int) -> Layout:
     if pitch0 < row0:
         raise LayoutError(f"pitch {pitch0} is shorter than a row of {row0} bytes")
     planes = []
@@ -189,13 +206,32 @@ def layout(fmt: Format, width: int, height: int, pitch0: int | None = None) -> L
     return Layout(tuple(planes), offset)
 
 
-@functools.lru_cache(maxsize=256)
+#: plan()'s cache: (fourcc, width, height) -> (the format, the limits, the layout).
+#: Keyed by ints, whose hash is C's, where Format's and Limits' (frozen dataclasses)
+#: are Python calls hashing every field; a hit is the same format and limits objects
+#: (``is``: both are immutable), so an equal-but-other Limits just plans again.
+_PLANS: dict[tuple[int, int, int], tuple[Format, Limits, Layout]] = {}
+_PLANS_MAX = 256
+
+
 def plan(fmt: Format, width: int, height: int, limits: Limits) -> Layout:
     """check() and layout() with the default pitch, and the size held to ``limits``.
 
-    Results are cached (refusals are not): the daemon plans each request twice,
-    and clients ask for few distinct sizes.
+    Results are cached (refusals are not): the daemon plans each request at least
+    twice (the core, then the allocator), and clients ask for few distinct sizes.
     """
+    key = (fmt.fourcc, width, height)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is fmt and hit[1] is limits:
+        return hit[2]
+    result = _plan(fmt, width, height, limits)
+    if len(_PLANS) >= _PLANS_MAX:  # bounded: a client cycling sizes can't grow it
+        _PLANS.clear()
+    _PLANS[key] = (fmt, limits, result)
+    return result
+
+
+def _plan(fmt: Format, width: int, height: int, limits: Limits) -> Layout:
     check(fmt, width, height, limits)
     result = layout(fmt, width, height)
     if result.size > limits.max_size:

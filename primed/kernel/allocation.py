@@ -52,6 +52,7 @@ class Allocation:
 
 #: What every buffer's name starts with.
 LABEL_PREFIX = "primed"
+_HEAD = f"{LABEL_PREFIX}:"  # one global look-up and no format step per label
 #: Characters of a client's own name a label keeps; every other becomes "_".
 _KEPT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -88,7 +89,7 @@ class Owner:
         fit whole until a client's ids pass 13 digits (with a 10-digit uid); past that
         the label is ``primed:UID``, short but never wrong.
         """
-        text = f"{LABEL_PREFIX}:{self.uid}:{self.id}:{self.pid}"
+        text = f"{_HEAD}{self.uid}:{self.id}:{self.pid}"
         if len(text) > limit:  # rare: huge ids or pids; drop whole fields from the end
             text = LABEL_PREFIX
             for field in (self.uid, self.id):
@@ -97,9 +98,11 @@ class Owner:
                     break
                 text += part
             return text
-        room = limit - len(text) - 1
-        if self.name and room > 0:
-            return f"{text}:{_cleaned(self.name)[:room]}"
+        name = self.name
+        if name:
+            room = limit - len(text) - 1
+            if room > 0:
+                return f"{text}:{_cleaned(name)[:room]}"
         return text
 
 
@@ -120,9 +123,25 @@ class BufferSource(Protocol):
     def close(self) -> None: ...
 
 
+#: planes_of()'s cache: id(layout) -> (the layout, its pairs). The layout is kept, so
+#: its id can't be reused while its entry stands, and a hit must be that very layout.
+_PAIRS: dict[int, tuple[Layout, tuple[tuple[int, int], ...]]] = {}
+_PAIRS_MAX = 256
+
+
 def planes_of(lay: Layout) -> tuple[tuple[int, int], ...]:
-    """A layout's planes as an Allocation holds them: (offset, pitch) pairs."""
-    return tuple((p.offset, p.pitch) for p in lay.planes)
+    """A layout's planes as an Allocation holds them: (offset, pitch) pairs.
+
+    Cached per layout object: formats.plan() hands out the same Layout for a size it
+    has planned, so the allocators' per-buffer call is one dict look-up."""
+    hit = _PAIRS.get(id(lay))
+    if hit is not None and hit[0] is lay:
+        return hit[1]
+    pairs = tuple((p.offset, p.pitch) for p in lay.planes)
+    if len(_PAIRS) >= _PAIRS_MAX:  # bounded: the DRM backends' layouts are made per buffer
+        _PAIRS.clear()
+    _PAIRS[id(lay)] = (lay, pairs)
+    return pairs
 
 
 #: What each kind of allocator's buffers serve (the wire's USAGE_ bits).
@@ -208,6 +227,7 @@ class Allocators:
         self.matrix = matrix or ImportMatrix()
         default = served[0].source
         self.kind, self.driver, self.node = default.kind, default.driver, default.node
+        self._default = default.allocate  # bound once: allocate() is per buffer
 
     @classmethod
     def of(cls, source: BufferSource) -> Allocators:
@@ -237,7 +257,9 @@ class Allocators:
     def allocate(
         self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
     ) -> Allocation:
-        return self.allocate_from(0, fmt, width, height, limits, owner)
+        # Straight to the default allocator, not through allocate_from: one call less
+        # per buffer, and an Allocation's source is already 0, the default's position.
+        return self._default(fmt, width, height, limits, owner)
 
     def export(self, allocation: Allocation) -> int:
         return self.served[allocation.source].source.export(allocation)

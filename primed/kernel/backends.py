@@ -12,7 +12,7 @@ import mmap
 import os
 
 from primed.errors import KernelError, NoDevice
-from primed.formats import Format, LayoutError, Limits, layout, plan
+from primed.formats import Format, Layout, LayoutError, Limits, layout, plan
 from primed.kernel import dmabuf, drm
 from primed.kernel.allocation import Allocation, Owner, planes_of
 from primed.wire.schema import Backend, Kind
@@ -173,6 +173,10 @@ def find_dumb_node(root: str = "/dev/dri") -> str:
 
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# id(layout) -> (layout, page-rounded size, planes): what a memfd's allocate derives from
+# a plan, once per planned size (plan() hands out one Layout per size). The layout is
+# kept so its id can't be reused while the entry stands.
+_SHAPES: dict[int, tuple[Layout, int, tuple[tuple[int, int], ...]]] = {}
 
 
 class MemfdBackend:
@@ -194,7 +198,12 @@ class MemfdBackend:
         self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
     ) -> Allocation:
         lay = plan(fmt, width, height, limits)
-        size = page_rounded(lay.size)
+        shape = _SHAPES.get(id(lay))
+        if shape is None or shape[0] is not lay:
+            if len(_SHAPES) >= 256:  # bounded, as plan()'s own cache
+                _SHAPES.clear()
+            shape = _SHAPES[id(lay)] = (lay, page_rounded(lay.size), planes_of(lay))
+        size, planes = shape[1], shape[2]
         # The owner's label is the memfd's name from its birth: no step of its own.
         name = MEMFD_NAME if owner is None else owner.label(MFD_NAME_MAX_LEN)
         try:
@@ -208,7 +217,7 @@ class MemfdBackend:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             except OSError as e:
                 raise KernelError(e.errno or errno.EIO, "memfd size and seals") from None
-            allocation = Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
+            allocation = Allocation(width, height, fmt.fourcc, size, planes, fd)
             made = True
             return allocation
         finally:

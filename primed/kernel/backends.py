@@ -40,10 +40,29 @@ class DmabufFdBackend:
     fd: int
     namer: dmabuf.Namer
 
-    def _named(self, fd: int, owner: Owner | None) -> None:
-        """Name a new buffer for ``owner``; a refusal is counted, not raised (see Namer)."""
-        if owner is not None:
-            self.namer.name(fd, owner.label(DMABUF_LABEL_LEN))
+    def _adopt(
+        self,
+        fd: int,
+        fmt: Format,
+        width: int,
+        height: int,
+        lay: Layout,
+        size: int,
+        owner: Owner | None,
+    ) -> Allocation:
+        """The Allocation that owns ``fd``, a dma-buf just made, named for ``owner`` (a
+        refusal is counted, not raised: see Namer). Until it is returned the fd is this
+        call's: closed if anything fails."""
+        made = False
+        try:
+            if owner is not None:
+                self.namer.name(fd, owner.label(DMABUF_LABEL_LEN))
+            allocation = Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
+            made = True
+            return allocation
+        finally:
+            if not made:
+                os.close(fd)
 
     def export(self, allocation: Allocation) -> int:
         try:

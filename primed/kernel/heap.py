@@ -25,7 +25,7 @@ import struct
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
 from primed.kernel import dmabuf, drm
-from primed.kernel.allocation import Allocation, Owner, planes_of
+from primed.kernel.allocation import Allocation, Owner
 from primed.kernel.backends import DmabufFdBackend, page_rounded
 from primed.wire.schema import Backend, Kind
 
@@ -107,13 +107,4 @@ class HeapBackend(DmabufFdBackend):
     ) -> Allocation:
         lay = plan(fmt, width, height, limits)  # refuses before any ioctl
         size = page_rounded(lay.size)
-        fd = alloc(self.fd, size)
-        made = False  # the dma-buf is ours until the Allocation that owns it is returned
-        try:
-            self._named(fd, owner)
-            allocation = Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
-            made = True
-            return allocation
-        finally:
-            if not made:
-                os.close(fd)
+        return self._adopt(alloc(self.fd, size), fmt, width, height, lay, size, owner)

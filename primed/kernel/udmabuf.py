@@ -31,7 +31,7 @@ import struct
 from primed.errors import KernelError, NoDevice
 from primed.formats import Format, Limits, plan
 from primed.kernel import dmabuf, drm
-from primed.kernel.allocation import Allocation, Owner, planes_of
+from primed.kernel.allocation import Allocation, Owner
 from primed.kernel.backends import DmabufFdBackend, page_rounded
 from primed.wire.schema import Backend, Kind
 
@@ -134,12 +134,4 @@ class UdmabufBackend(DmabufFdBackend):
             fd = create(self.fd, memfd, 0, size)
         finally:
             os.close(memfd)  # the udmabuf holds the pages: see the module docstring
-        made = False  # the dma-buf is ours until the Allocation that owns it is returned
-        try:
-            self._named(fd, owner)
-            allocation = Allocation(width, height, fmt.fourcc, size, planes_of(lay), fd)
-            made = True
-            return allocation
-        finally:
-            if not made:
-                os.close(fd)
+        return self._adopt(fd, fmt, width, height, lay, size, owner)

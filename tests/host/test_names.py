@@ -29,7 +29,7 @@ from primed.daemon.sessions import Session
 from primed.errors import ErrorCode, KernelError
 from primed.formats import Format, Limits
 from primed.kernel import dmabuf
-from primed.kernel.allocation import Allocation, Owner, planes_of
+from primed.kernel.allocation import Allocation, Owner
 from primed.kernel.backends import (
     DMABUF_LABEL_LEN,
     MEMFD_NAME,
@@ -169,16 +169,12 @@ class Unnameable(DmabufFdBackend):
             raise KernelError(errno.EMFILE, "injected allocate fault")
         lay = formats.plan(fmt, width, height, limits)
         fd = os.memfd_create("unnameable", os.MFD_CLOEXEC)
-        made = False
         try:
             os.ftruncate(fd, lay.size)
-            self._named(fd, owner)
-            allocation = Allocation(width, height, fmt.fourcc, lay.size, planes_of(lay), fd)
-            made = True
-            return allocation
-        finally:
-            if not made:
-                os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._adopt(fd, fmt, width, height, lay, lay.size, owner)
 
 
 class Harness:

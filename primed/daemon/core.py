@@ -938,13 +938,6 @@ class _Allocation(_Undoable):
         self.answer: Answer | None = None
 
     @property
-    def _infos(self) -> list[BufferInfo]:
-        """What each buffer delivered is, as ALLOCATED tells it (made when asked: the
-        replies are packed from the ids)."""
-        buffers = self._session.buffers
-        return [_info(ident, buffers[ident]) for ident in self._ids if ident in buffers]
-
-    @property
     def ready(self) -> bool:
         return self.answer is not None or bool(self._ids)
 
@@ -999,14 +992,20 @@ class _Allocation(_Undoable):
         self.abandon()
         self.answer = answer
 
-    def export(self, fds: list[int]) -> Reply:
-        if self.answer is not None:
-            self._over = True
-            return self.answer.reply
+    def _take_part(self) -> tuple[int, list[int]]:
+        """The next part to send: its position and its ids (at most MAX_FDS), counted
+        as sent (what export() and datagram() both deliver)."""
         index = self._next
         part = self._ids[index : index + MAX_FDS]
         self._next = index + len(part)
         self._over = self._next >= len(self._ids)
+        return index, part
+
+    def export(self, fds: list[int]) -> Reply:
+        if self.answer is not None:
+            self._over = True
+            return self.answer.reply
+        index, part = self._take_part()
         backend, buffers = self._core.backend, self._session.buffers
         for ident in part:
             fds.append(backend.export(buffers[ident]))
@@ -1019,23 +1018,18 @@ class _Allocation(_Undoable):
         # export()'s reply packed straight from the Allocations: no BufferInfo, no Allocated.
         if self.answer is not None:
             return super().datagram(fds)
-        ids, index = self._ids, self._next
+        index, part = self._take_part()
         backend, buffers = self._core.backend, self._session.buffers
-        total = len(ids)
-        if total - index == 1:  # a part of one buffer: most ALLOCATEs are one buffer
-            ident = ids[index]
+        total = len(self._ids)
+        if len(part) == 1:  # a part of one buffer: most ALLOCATEs are one buffer
+            ident = part[0]
             a = buffers[ident]
-            self._next = index + 1
-            self._over = True
             fds.append(backend.export(a))
             allocator = a.source if self._session.version > 1 else 0
             return protocol.one_buffer_datagram(
                 self.serial, total, index, allocator,
                 ident, a.width, a.height, a.fourcc, a.modifier, a.size, a.planes,
             )  # fmt: skip
-        part = ids[index : index + MAX_FDS]
-        self._next = index + len(part)
-        self._over = self._next >= total
         rows = []
         for ident in part:
             a = buffers[ident]

@@ -434,15 +434,14 @@ class Daemon:
         uid: int,
         reply: Reply,
         serial: int,
-        fds: list[int] | None = None,
     ) -> None:
+        """Send a reply with no fds (a delivery's parts go by _deliver)."""
         data = protocol.encode(reply, serial)
-        ancdata = fdpass.rights(fds or [])
         # Arm the send timeout only for a send that has to wait: a deadline costs
         # more than the send itself, and most replies find room at once.
-        if isinstance(sock, LeanSocket) and sock.try_sendmsg([data], ancdata) is not None:
+        if isinstance(sock, LeanSocket) and sock.try_send(data):
             return
-        await self._transmit(sock, uid, data, ancdata)
+        await self._transmit(sock, uid, data, [])
 
     async def _transmit(
         self,

@@ -35,7 +35,7 @@ class DmabufFdBackend:
     udmabuf): a delivery is a dup of that fd (a dma-buf has one open file
     description, whatever the path: see :mod:`primed.kernel.heap`), freeing closes
     it, and the allocator's device fd is ``fd``. Each buffer is named for its owner
-    as soon as it exists (:meth:`_named`), through ``namer``."""
+    as soon as it exists (:meth:`_adopt`), through ``namer``."""
 
     fd: int
     namer: dmabuf.Namer
@@ -192,10 +192,6 @@ def find_dumb_node(root: str = "/dev/dri") -> str:
 
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-# id(layout) -> (layout, page-rounded size, planes): what a memfd's allocate derives from
-# a plan, once per planned size (plan() hands out one Layout per size). The layout is
-# kept so its id can't be reused while the entry stands.
-_SHAPES: dict[int, tuple[Layout, int, tuple[tuple[int, int], ...]]] = {}
 
 
 class MemfdBackend:
@@ -217,12 +213,7 @@ class MemfdBackend:
         self, fmt: Format, width: int, height: int, limits: Limits, owner: Owner | None = None
     ) -> Allocation:
         lay = plan(fmt, width, height, limits)
-        shape = _SHAPES.get(id(lay))
-        if shape is None or shape[0] is not lay:
-            if len(_SHAPES) >= 256:  # bounded, as plan()'s own cache
-                _SHAPES.clear()
-            shape = _SHAPES[id(lay)] = (lay, page_rounded(lay.size), planes_of(lay))
-        size, planes = shape[1], shape[2]
+        size, planes = page_rounded(lay.size), planes_of(lay)  # planes_of: cached per layout
         # The owner's label is the memfd's name from its birth: no step of its own.
         name = MEMFD_NAME if owner is None else owner.label(MFD_NAME_MAX_LEN)
         try:

@@ -119,7 +119,7 @@ def allocate(core: Core, session: Session, count: int) -> list[int]:
         assert isinstance(outcome, Delivery), outcome
         while not outcome.ready:
             outcome.prepare()
-        ids += [i.id for i in outcome._infos]  # type: ignore[attr-defined]
+        ids += outcome._ids  # type: ignore[attr-defined]
         count -= step
     return ids
 

@@ -15,6 +15,7 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -181,7 +182,9 @@ def roundtrips(target: Target, plan: Plan, workdir: Path) -> list[dict[str, Any]
 
 def cpu_per_round_trip(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
     """CPU per 64x64 round trip, client and server counted apart, for the Python
-    runners and for the C client against primed's daemon and the floor's server.
+    runners and for the C client against primed's daemon and the floor's server:
+    blocking, on an epoll loop and on trio, so that what an event loop adds, and what
+    trio's wake-up path adds to that, are apart from primed's own work.
 
     One daemon serves the primed runners; the floor's blocking server serves one
     connection at a time, so the Python and the C floor clients get one each.
@@ -192,6 +195,8 @@ def cpu_per_round_trip(target: Target, plan: Plan, workdir: Path) -> dict[str, A
         workloads.primed_server(target, workdir, plan.start_timeout) as daemon,
         workloads.floor_server(target, workdir, "blocking", plan.start_timeout) as base,
         workloads.floor_server(target, workdir, "blocking", plan.start_timeout) as base_c,
+        workloads.floor_server(target, workdir, "epoll", plan.start_timeout) as epoll_c,
+        workloads.floor_server(target, workdir, "trio", plan.start_timeout) as trio_c,
     ):
         in_process = workloads.InProcess(target)
         floor_rt = workloads.FloorRoundTrips(base.path, target)
@@ -199,6 +204,8 @@ def cpu_per_round_trip(target: Target, plan: Plan, workdir: Path) -> dict[str, A
         trio_rt = workloads.TrioRoundTrips(daemon.path, target)
         c_floor = cpu.CRoundTrips(binary, "floor", base_c.path)
         c_primed = cpu.CRoundTrips(binary, "primed", daemon.path)
+        c_epoll = cpu.CRoundTrips(binary, "floor", epoll_c.path)
+        c_trio = cpu.CRoundTrips(binary, "floor", trio_c.path)
         try:
             runners = {
                 "in_process": cpu.Metered(functools.partial(in_process.block, 64, 64), me, None),
@@ -207,6 +214,8 @@ def cpu_per_round_trip(target: Target, plan: Plan, workdir: Path) -> dict[str, A
                 "trio": cpu.Metered(functools.partial(trio_rt.block, 64, 64), me, daemon.pid),
                 "c_floor": cpu.Metered(c_floor.block, c_floor.pid, base_c.pid),
                 "c_primed": cpu.Metered(c_primed.block, c_primed.pid, daemon.pid),
+                "c_floor_epoll": cpu.Metered(c_epoll.block, c_epoll.pid, epoll_c.pid),
+                "c_floor_trio": cpu.Metered(c_trio.block, c_trio.pid, trio_c.pid),
             }
             usage, taken = cpu.metered(runners, plan.cpu_samples, plan.cpu_budget, plan.rt_block)
         finally:
@@ -216,6 +225,8 @@ def cpu_per_round_trip(target: Target, plan: Plan, workdir: Path) -> dict[str, A
             trio_rt.close()
             c_floor.close()
             c_primed.close()
+            c_epoll.close()
+            c_trio.close()
     result: dict[str, Any] = {"size": "64x64", "perf": cpu.perf_instructions()}
     for name, use in usage.items():
         result[name] = {**use.per_round_trip(), **workloads.stats(taken[name])}
@@ -404,7 +415,7 @@ def live_buffers(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
             held = 0
             for level in levels:
                 workloads.hold_primed(blocking.client, level - held)
-                floor_rt.client.hold(64, 64, level - held)
+                floor_rt.client.hold(*workloads.HELD, level - held)
                 in_process.hold(level - held)
                 held = level
                 taken = workloads.interleaved(
@@ -463,6 +474,10 @@ def idle_memory(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
 #: The measurements, in the order they run; cpu, batch and profile on memfd only.
 SECTIONS = ("roundtrip", "cpu", "batch", "profile", "throughput", "live_buffers", "idle_clients")
 _MEMFD_ONLY = {"cpu", "batch", "profile"}
+#: Sections whose processes take turns (one request at a time): run on one CPU
+#: (workloads.pinned says why). The throughput runs are about using every CPU, and
+#: the profiles' own figures are shares, so they run where the scheduler puts them.
+_PINNED = {"roundtrip", "cpu", "batch", "live_buffers", "idle_clients"}
 
 
 def run_target(
@@ -482,7 +497,8 @@ def run_target(
     result: dict[str, Any] = {"target": dataclasses.asdict(target)}
     for name in SECTIONS:
         if name in sections and (target.card is None or name not in _MEMFD_ONLY):
-            result[name] = runs[name](target, plan, workdir)
+            with workloads.pinned() if name in _PINNED else contextlib.nullcontext():
+                result[name] = runs[name](target, plan, workdir)
     result["seconds"] = time.monotonic() - started
     return result
 

@@ -8,8 +8,8 @@ no objects per buffer. Whatever primed costs beyond these figures is its own.
 
 Run as a server: ``python -m benchmarks.floor --socket PATH --backend memfd``
 (or ``--backend drm --device /dev/dri/cardN``), ``--mode blocking`` serving one
-connection at a time with plain blocking calls, or ``--mode epoll`` serving
-many at once from one epoll loop.
+connection at a time with plain blocking calls, ``--mode epoll`` serving
+many at once from one epoll loop, or ``--mode trio`` doing so from trio's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import socket
 import struct
 from collections.abc import Callable
 from typing import Protocol
+
+import trio
 
 from primed.kernel import drm
 
@@ -196,6 +198,43 @@ def serve_epoll(listener: socket.socket, kernel: Kernel) -> None:
                 _close(conn, kernel)
 
 
+def serve_trio(listener: socket.socket, kernel: Kernel) -> None:
+    """Every connection at once, a trio task each: the floor's work under the event loop
+    primed's daemon runs on, with the least of it. Each receive is tried first and waits
+    for readiness (trio's wait_readable) only when there is nothing to read; no yield
+    after a call that succeeded, no timeouts, no fairness. So what this costs beyond
+    serve_epoll is trio's wake-up path, and what primed's daemon costs beyond this is
+    primed's own. A reply is sent without waiting for room: a client that does not read
+    would lose one, which the benchmark's clients (one request at a time) never do."""
+
+    async def serve(conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        try:
+            while True:
+                try:
+                    if not _handle(conn, kernel):
+                        break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+        except OSError:
+            pass
+        _close(conn, kernel)
+
+    async def accept() -> None:
+        listener.setblocking(False)
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener.fileno())
+                    continue
+                sock.setblocking(False)
+                nursery.start_soon(serve, _Conn(sock))
+
+    trio.run(accept)
+
+
 class Client:
     """The floor's client: one blocking socket, one request at a time (or a window)."""
 
@@ -246,14 +285,17 @@ def main() -> None:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--backend", choices=["memfd", "drm"], default="memfd")
     parser.add_argument("--device")
-    parser.add_argument("--mode", choices=["blocking", "epoll"], default="blocking")
+    parser.add_argument("--mode", choices=list(_MODES), default="blocking")
     args = parser.parse_args()
     raise_nofile()
     kernel: Kernel = MemfdKernel() if args.backend == "memfd" else DumbKernel(args.device)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     listener.bind(args.socket)
     listener.listen(512)
-    (serve_blocking if args.mode == "blocking" else serve_epoll)(listener, kernel)
+    _MODES[args.mode](listener, kernel)
+
+
+_MODES = {"blocking": serve_blocking, "epoll": serve_epoll, "trio": serve_trio}
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks import workloads
+
 #: ``name (file:line)`` or ``name (file)``: py-spy's frame.
 _FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 
@@ -58,6 +60,7 @@ def sampled(pid: int, out: Path, rate: int = 100, timeout: float = 60.0) -> Iter
         text=True,
     )
     assert process.stdout is not None
+    workloads.away(process.pid)  # not on the CPU of what it samples
     said = []
     try:
         # py-spy writes "Sampling process ..." once it is attached.

@@ -378,6 +378,8 @@ _RUNNERS = {
     "blocking": "primed, blocking client",
     "trio": "primed, trio client",
     "c_floor": "floor, C client",
+    "c_floor_epoll": "floor on an epoll loop, C client",
+    "c_floor_trio": "floor on trio, C client",
     "c_primed": "primed, C client",
     "primed": "primed, blocking client",
 }

@@ -1,15 +1,18 @@
 """The floor: primed's work done with no daemon framework at all.
 
-The same kernel calls as primed's backends (memfd_create, ftruncate and seals,
-or CREATE_DUMB and PRIME export), the same SCM_RIGHTS passing over the same
-kind of socket, the same import on the client's side; but struct-packed
+The same kernel calls as primed's backends (memfd_create, ftruncate and seals;
+CREATE_DUMB and PRIME export; DMA_HEAP_IOCTL_ALLOC; or a sealed memfd made a
+udmabuf; each dma-buf named with DMA_BUF_SET_NAME as primed names it), the same
+SCM_RIGHTS passing over the same kind of socket, the same import on the
+client's side; but struct-packed
 messages of fixed size, no validation beyond what struct does, no event loop,
 no objects per buffer. Whatever primed costs beyond these figures is its own.
 
 Run as a server: ``python -m benchmarks.floor --socket PATH --backend memfd``
-(or ``--backend drm --device /dev/dri/cardN``), ``--mode blocking`` serving one
-connection at a time with plain blocking calls, ``--mode epoll`` serving
-many at once from one epoll loop, or ``--mode trio`` doing so from trio's.
+(or ``--backend drm --device /dev/dri/cardN``, ``--backend heap --heap system``,
+``--backend udmabuf``), ``--mode blocking`` serving one connection at a time with
+plain blocking calls, ``--mode epoll`` serving many at once from one epoll loop, or
+``--mode trio`` doing so from trio's.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-from primed.kernel import drm
+from primed.kernel import dmabuf, drm, heap, udmabuf
 
 #: op, width, height, id (or count for HOLD)
 REQUEST = struct.Struct("<IIIQ")
@@ -37,6 +40,11 @@ REPLY = struct.Struct("<IIQQ")
 ALLOCATE, RELEASE, HOLD = 1, 2, 3
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+#: What the floor names each dma-buf: as long as the name primed gives the benchmark's
+#: buffers (``primed:UID:ID:PID:bench``, 21 bytes with uid 0 and 3-digit ids).
+_DMABUF_NAME = b"floor:0:123:4567:bench\0"
+_SYNC_START = drm.dma_buf_sync.pack(drm.DMA_BUF_SYNC_START | drm.DMA_BUF_SYNC_RW)
+_SYNC_END = drm.dma_buf_sync.pack(drm.DMA_BUF_SYNC_END | drm.DMA_BUF_SYNC_RW)
 
 
 class Kernel(Protocol):
@@ -45,11 +53,16 @@ class Kernel(Protocol):
     def allocate(self, width: int, height: int) -> tuple[int, int, int]: ...
     def export(self, ref: int) -> int: ...
     def free(self, ref: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _pages(width: int, height: int) -> int:
+    return -(-width * 4 * height // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 class MemfdKernel:
     def allocate(self, width: int, height: int) -> tuple[int, int, int]:
-        size = -(-width * 4 * height // mmap.PAGESIZE) * mmap.PAGESIZE
+        size = _pages(width, height)
         fd = os.memfd_create("floor", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
@@ -63,6 +76,65 @@ class MemfdKernel:
 
     def free(self, ref: int) -> None:
         os.close(ref)
+
+    def close(self) -> None:
+        pass
+
+
+class _DmabufKernel:
+    """What the heap and udmabuf kernels share, as primed's DmabufFdBackend does: the
+    buffer is its dma-buf fd, each export a dup of it (a dma-buf has one open file
+    description), freeing closes it."""
+
+    fd: int
+
+    def export(self, ref: int) -> int:
+        return os.dup(ref)
+
+    def free(self, ref: int) -> None:
+        os.close(ref)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class HeapKernel(_DmabufKernel):
+    """A dma-buf heap's buffers: DMA_HEAP_IOCTL_ALLOC, then DMA_BUF_SET_NAME."""
+
+    def __init__(self, name: str):
+        self.fd = os.open(os.path.join(heap.HEAP_ROOT, name), os.O_RDONLY | os.O_CLOEXEC)
+
+    def allocate(self, width: int, height: int) -> tuple[int, int, int]:
+        size = _pages(width, height)
+        data = heap.dma_heap_allocation_data
+        arg = bytearray(data.pack(size, 0, os.O_RDWR | os.O_CLOEXEC, 0))
+        fcntl.ioctl(self.fd, heap.DMA_HEAP_IOCTL_ALLOC, arg)
+        fd = int(data.unpack(arg)[1])
+        fcntl.ioctl(fd, dmabuf.DMA_BUF_SET_NAME_B, _DMABUF_NAME)
+        return fd, size, width * 4
+
+
+class UdmabufKernel(_DmabufKernel):
+    """udmabuf's buffers: memfd_create, ftruncate, seals, UDMABUF_CREATE, the memfd
+    closed (the udmabuf holds its pages), then DMA_BUF_SET_NAME."""
+
+    def __init__(self) -> None:
+        self.fd = os.open(udmabuf.UDMABUF_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+
+    def allocate(self, width: int, height: int) -> tuple[int, int, int]:
+        size = _pages(width, height)
+        memfd = os.memfd_create("floor", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(memfd, size)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, udmabuf.SEALS)
+            arg = bytearray(
+                udmabuf.udmabuf_create.pack(memfd, udmabuf.UDMABUF_FLAGS_CLOEXEC, 0, size)
+            )
+            fd = fcntl.ioctl(self.fd, udmabuf.UDMABUF_CREATE, arg, True)
+        finally:
+            os.close(memfd)
+        fcntl.ioctl(fd, dmabuf.DMA_BUF_SET_NAME_B, _DMABUF_NAME)
+        return fd, size, width * 4
 
 
 class DumbKernel:
@@ -91,9 +163,36 @@ class DumbKernel:
         os.close(self.fd)
 
 
-def importer(render: str | None) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+def open_kernel(backend: str, device: str | None = None, heap_name: str | None = None) -> Kernel:
+    """The floor's kernel for ``backend`` (memfd, drm on ``device``, heap ``heap_name``,
+    udmabuf); the caller closes it."""
+    if backend == "memfd":
+        return MemfdKernel()
+    if backend == "drm" and device is not None:
+        return DumbKernel(device)
+    if backend == "heap" and heap_name is not None:
+        return HeapKernel(heap_name)
+    if backend == "udmabuf":
+        return UdmabufKernel()
+    raise ValueError(f"backend {backend} needs its node (device {device}, heap {heap_name})")
+
+
+def importer(
+    render: str | None, dmabuf_sync: bool = False
+) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """What a client does with a received fd, and how to clean up after: with a
-    render node, PRIME import and GEM_CLOSE; without one (memfd), map and unmap it."""
+    render node, PRIME import and GEM_CLOSE; without one, map and unmap it, the
+    access bracketed with DMA_BUF_IOCTL_SYNC when it is a dma-buf (``dmabuf_sync``:
+    a heap's or udmabuf's), as primed's Buffer.map does."""
+    if render is None and dmabuf_sync:
+
+        def synced_map(fd: int, size: int) -> None:
+            mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            fcntl.ioctl(fd, drm.DMA_BUF_IOCTL_SYNC, _SYNC_START)
+            fcntl.ioctl(fd, drm.DMA_BUF_IOCTL_SYNC, _SYNC_END)
+            mapped.close()
+
+        return synced_map, lambda: None
     if render is None:
 
         def cpu_map(fd: int, size: int) -> None:
@@ -283,12 +382,13 @@ def raise_nofile() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.floor")
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--backend", choices=["memfd", "drm"], default="memfd")
-    parser.add_argument("--device")
+    parser.add_argument("--backend", choices=["memfd", "drm", "heap", "udmabuf"], default="memfd")
+    parser.add_argument("--device", help="with --backend drm: the card node")
+    parser.add_argument("--heap", help="with --backend heap: the heap's name (e.g. system)")
     parser.add_argument("--mode", choices=list(_MODES), default="blocking")
     args = parser.parse_args()
     raise_nofile()
-    kernel: Kernel = MemfdKernel() if args.backend == "memfd" else DumbKernel(args.device)
+    kernel = open_kernel(args.backend, args.device, args.heap)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     listener.bind(args.socket)
     listener.listen(512)

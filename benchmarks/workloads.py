@@ -30,7 +30,7 @@ import trio
 
 import primed
 from benchmarks import floor
-from primed.kernel import drm
+from primed.kernel import drm, heap, udmabuf
 
 #: Sample size of each worker's latencies in the throughput runs.
 LATENCY_SAMPLES = 2000
@@ -38,18 +38,59 @@ LATENCY_SAMPLES = 2000
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where buffers come from: ``memfd``, or a DRM driver's card node (allocating) and
-    render node (importing, as a client would)."""
+    """Where buffers come from: ``memfd``; a DRM driver's card node (allocating) and
+    render node (importing, as a client would); or a dma-buf heap (``heap``, its name)
+    or udmabuf, whose dma-bufs a client maps (virtio-gpu refuses to import them)."""
 
     name: str
     card: str | None = None
     render: str | None = None
+    heap: str | None = None
+    udmabuf: bool = False
+
+    @property
+    def dmabuf(self) -> bool:
+        """A dma-buf allocator with no DRM node: a heap or udmabuf."""
+        return self.heap is not None or self.udmabuf
+
+    @property
+    def node(self) -> str | None:
+        """The node the buffers come from (None: memfd)."""
+        if self.heap is not None:
+            return os.path.join(heap.HEAP_ROOT, self.heap)
+        return udmabuf.UDMABUF_DEVICE if self.udmabuf else self.card
+
+    def floor_backend(self) -> list[str]:
+        """The floor's (benchmarks/floor.py) options for this target."""
+        if self.heap is not None:
+            return ["--backend", "heap", "--heap", self.heap]
+        if self.udmabuf:
+            return ["--backend", "udmabuf"]
+        if self.card is not None:
+            return ["--backend", "drm", "--device", self.card]
+        return ["--backend", "memfd"]
+
+    def primed_backend(self) -> list[str]:
+        """``primed serve``'s options serving this target's allocator alone."""
+        if self.heap is not None:
+            return ["--heap", self.heap]
+        if self.udmabuf:
+            return ["--udmabuf"]
+        if self.card is not None:
+            return ["--device", self.card]
+        return ["--backend", "memfd"]
+
+
+#: Target names for a dma-buf heap: ``heap_`` and the heap's name (heap_system).
+HEAP_PREFIX = "heap_"
 
 
 def find_targets(names: list[str]) -> list[Target]:
-    """The targets named (memfd, vgem, virtio_gpu), with their nodes found by driver name.
+    """The targets named (memfd, vgem, virtio_gpu, heap_NAME, udmabuf), with their
+    nodes found (DRM ones by driver name).
 
-    Raises LookupError for a driver with no card or render node here.
+    Raises LookupError for a driver with no card or render node here, or a heap or
+    udmabuf this kernel lacks.
     """
     found: dict[str, dict[bool, str]] = {}
     for node in drm.nodes():
@@ -58,6 +99,15 @@ def find_targets(names: list[str]) -> list[Target]:
     for name in names:
         if name == "memfd":
             targets.append(Target("memfd"))
+            continue
+        if name.startswith(HEAP_PREFIX) or name == "udmabuf":
+            if name == "udmabuf":
+                target = Target(name, udmabuf=True)
+            else:
+                target = Target(name, heap=name.removeprefix(HEAP_PREFIX))
+            if not os.path.exists(target.node or ""):
+                raise LookupError(f"no {target.node} for {name} (heaps here: {heap.heaps()})")
+            targets.append(target)
             continue
         nodes = found.get(name, {})
         if True not in nodes or False not in nodes:
@@ -201,9 +251,8 @@ def primed_server(target: Target, workdir: Path, timeout: float) -> Iterator[Ser
     config = workdir / "primed.toml"
     config.write_text("[quotas]\n" + "".join(f"{key} = 0\n" for key in _QUOTAS_OFF))
     path = str(workdir / f"primed-{time.monotonic_ns()}.sock")
-    where = ["--backend", "memfd"] if target.card is None else ["--device", target.card]
     argv = [sys.executable, "-m", "primed", "serve", "--config", str(config), "--socket", path]
-    server = Server([*argv, "--log-level", "warning", *where], path, timeout)
+    server = Server([*argv, "--log-level", "warning", *target.primed_backend()], path, timeout)
     try:
         yield server
     finally:
@@ -216,11 +265,7 @@ def floor_server(target: Target, workdir: Path, mode: str, timeout: float) -> It
     or ``trio`` (every connection at once, from that event loop)."""
     path = str(workdir / f"floor-{time.monotonic_ns()}.sock")
     argv = [sys.executable, "-m", "benchmarks.floor", "--socket", path, "--mode", mode]
-    if target.card is None:
-        argv += ["--backend", "memfd"]
-    else:
-        argv += ["--backend", "drm", "--device", target.card]
-    server = Server(argv, path, timeout)
+    server = Server([*argv, *target.floor_backend()], path, timeout)
     try:
         yield server
     finally:
@@ -231,7 +276,8 @@ def primed_importer(target: Target) -> tuple[Callable[[primed.Buffer], None], Ca
     """What a primed client does with a buffer it got, and how to clean up after.
 
     With a render node, import it (PRIME_FD_TO_HANDLE) and close the import
-    (GEM_CLOSE); on memfd, map and unmap it.
+    (GEM_CLOSE); on memfd, map and unmap it; a heap's or udmabuf's dma-buf the same,
+    Buffer.map bracketing the access with DMA_BUF_IOCTL_SYNC.
     """
     if target.render is None:
 
@@ -258,10 +304,9 @@ class InProcess:
     """
 
     def __init__(self, target: Target):
-        self.kernel: floor.Kernel = (
-            floor.MemfdKernel() if target.card is None else floor.DumbKernel(target.card)
-        )
-        self.use, self._done = floor.importer(target.render)
+        backend = target.floor_backend()[1]
+        self.kernel = floor.open_kernel(backend, target.card, target.heap)
+        self.use, self._done = floor.importer(target.render, target.dmabuf)
         self.held: list[int] = []
 
     def hold(self, count: int) -> None:
@@ -281,8 +326,7 @@ class InProcess:
         for ref in self.held:
             self.kernel.free(ref)
         self._done()
-        if isinstance(self.kernel, floor.DumbKernel):
-            self.kernel.close()
+        self.kernel.close()
 
 
 class FloorRoundTrips:
@@ -290,7 +334,7 @@ class FloorRoundTrips:
 
     def __init__(self, path: str, target: Target):
         self.client = floor.Client(path)
-        self.use, self._done = floor.importer(target.render)
+        self.use, self._done = floor.importer(target.render, target.dmabuf)
 
     def block(self, width: int, height: int, count: int) -> list[int]:
         client, use, clock = self.client, self.use, time.perf_counter_ns

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cpu, profile, report, workloads
+from benchmarks import bench, cpu, profile, report, workloads
 
 SECTIONS = ("roundtrip", "cpu", "batch", "profile", "throughput", "live_buffers", "idle_clients")
 #: Every target issue #14 sets, by the start of its row's name.
@@ -108,7 +108,7 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     else:
         assert "error" not in spied, spied
         assert spied["samples"] > 0
-        assert spied["round_trips"] == 200
+        assert spied["round_trips"] == bench.PLANS["smoke"]["host"].profile_round_trips
         assert all(0 < entry["share"] <= 1 for entry in spied["self"] + spied["total"])
         client = spied["client"]
         assert "error" not in client, client
@@ -318,3 +318,31 @@ def test_throughput_clients_that_fail_to_start_raise_instead_of_hanging(tmp_path
             "primed", str(tmp_path / "nothing.sock"), 3, 1, 0.1, tmp_path, 1, timeout=60.0
         )
     assert time.monotonic() - started < 60.0  # EOF said so, not the timeout
+
+
+def test_heap_and_udmabuf_targets_skip_all_but_the_round_trip(tmp_path: Path) -> None:
+    """A dma-buf heap's or udmabuf's target takes the round trip alone: asked for every
+    other section, it measures none (nothing is opened) and says why, without an error."""
+    plan = bench.PLANS["smoke"]["host"]
+    for target in (
+        workloads.Target("heap_system", heap="system"),
+        workloads.Target("udmabuf", udmabuf=True),
+    ):
+        assert bench.not_taken(target, "roundtrip") is None
+        others = tuple(s for s in SECTIONS if s != "roundtrip")
+        result = bench.run_target(target, plan, tmp_path, others)
+        assert set(result["skipped"]) == set(others)
+        assert not set(others) & set(result)
+    assert target.floor_backend() == ["--backend", "udmabuf"]
+    assert workloads.Target("heap_system", heap="system").primed_backend() == ["--heap", "system"]
+    assert workloads.Target("heap_system", heap="system").node == "/dev/dma_heap/system"
+    vgem = workloads.Target("vgem", "/dev/dri/card1", "/dev/dri/renderD129")
+    assert bench.not_taken(vgem, "cpu") == "memfd only"
+    assert bench.not_taken(vgem, "throughput") is None
+    assert all(bench.not_taken(workloads.Target("memfd"), s) is None for s in SECTIONS)
+
+
+def test_a_missing_heap_or_udmabuf_is_a_lookup_error() -> None:
+    if not os.path.exists("/dev/dma_heap/no-such-heap"):
+        with pytest.raises(LookupError, match="no-such-heap"):
+            workloads.find_targets(["heap_no-such-heap"])

@@ -97,6 +97,16 @@ class _DmabufKernel:
     def close(self) -> None:
         os.close(self.fd)
 
+    @staticmethod
+    def _named(fd: int) -> int:
+        """``fd``, named as primed names its dma-bufs; closed if naming fails."""
+        try:
+            fcntl.ioctl(fd, dmabuf.DMA_BUF_SET_NAME_B, _DMABUF_NAME)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
 
 class HeapKernel(_DmabufKernel):
     """A dma-buf heap's buffers: DMA_HEAP_IOCTL_ALLOC, then DMA_BUF_SET_NAME."""
@@ -109,9 +119,7 @@ class HeapKernel(_DmabufKernel):
         data = heap.dma_heap_allocation_data
         arg = bytearray(data.pack(size, 0, os.O_RDWR | os.O_CLOEXEC, 0))
         fcntl.ioctl(self.fd, heap.DMA_HEAP_IOCTL_ALLOC, arg)
-        fd = int(data.unpack(arg)[1])
-        fcntl.ioctl(fd, dmabuf.DMA_BUF_SET_NAME_B, _DMABUF_NAME)
-        return fd, size, width * 4
+        return self._named(int(data.unpack(arg)[1])), size, width * 4
 
 
 class UdmabufKernel(_DmabufKernel):
@@ -133,8 +141,7 @@ class UdmabufKernel(_DmabufKernel):
             fd = fcntl.ioctl(self.fd, udmabuf.UDMABUF_CREATE, arg, True)
         finally:
             os.close(memfd)
-        fcntl.ioctl(fd, dmabuf.DMA_BUF_SET_NAME_B, _DMABUF_NAME)
-        return fd, size, width * 4
+        return self._named(fd), size, width * 4
 
 
 class DumbKernel:

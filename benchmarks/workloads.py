@@ -60,15 +60,22 @@ class Target:
             return os.path.join(heap.HEAP_ROOT, self.heap)
         return udmabuf.UDMABUF_DEVICE if self.udmabuf else self.card
 
+    @property
+    def backend(self) -> str:
+        """The floor's backend (benchmarks/floor.py's --backend) for this target."""
+        if self.heap is not None:
+            return "heap"
+        if self.udmabuf:
+            return "udmabuf"
+        return "memfd" if self.card is None else "drm"
+
     def floor_backend(self) -> list[str]:
         """The floor's (benchmarks/floor.py) options for this target."""
         if self.heap is not None:
             return ["--backend", "heap", "--heap", self.heap]
-        if self.udmabuf:
-            return ["--backend", "udmabuf"]
         if self.card is not None:
             return ["--backend", "drm", "--device", self.card]
-        return ["--backend", "memfd"]
+        return ["--backend", self.backend]
 
     def primed_backend(self) -> list[str]:
         """``primed serve``'s options serving this target's allocator alone."""
@@ -304,8 +311,7 @@ class InProcess:
     """
 
     def __init__(self, target: Target):
-        backend = target.floor_backend()[1]
-        self.kernel = floor.open_kernel(backend, target.card, target.heap)
+        self.kernel = floor.open_kernel(target.backend, target.card, target.heap)
         self.use, self._done = floor.importer(target.render, target.dmabuf)
         self.held: list[int] = []
 
@@ -407,6 +413,7 @@ class TrioRoundTrips:
         self._thread = threading.Thread(target=trio.run, args=(keep,), daemon=True)
         self._thread.start()
         if not ready.wait(timeout) or self._token is None:
+            self._done()
             raise RuntimeError(f"the trio client did not connect: {self._failed!r}")
 
     def block(self, width: int, height: int, count: int) -> list[int]:
